@@ -1,0 +1,463 @@
+"""SAELens base classes for mixture-of-experts SAEs: configs, validation, encode/decode, folds and the training pass.
+
+Scale SAE and Switch SAE differ only in how many experts a token uses and in Feature Scaling, so everything that
+touches SAELens lives here once; ``scale_sae.py`` and ``switch_sae.py`` only name the architectures.
+
+Conventions (DESIGN.md section 2):
+- The parameters stay in SAELens's flat layout so its trainer, evals and weight metrics work unchanged: W_enc
+  [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], plus W_router [d_in, n_experts] and b_router [d_in].
+- Feature activations are gated, ``a = p_expert * ReLU(f)``, so decoding stays linear: ``x_hat = a @ W_dec + b_dec``.
+- Training uses decoder rows at unit norm by reparametrisation (``W_dec / ||W_dec||``); export folds the norms and
+  Feature Scaling away, so the inference classes hold plain weights and reproduce the training outputs.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from sae_lens.saes.sae import (
+    SAE,
+    SAEConfig,
+    TrainCoefficientConfig,
+    TrainingSAE,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+)
+from sae_lens.saes.topk_sae import SparseHookPoint
+from sae_lens.util import str_to_dtype
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+from typing_extensions import override
+
+from sae_lens_scale.routing import (
+    RoutedEncoding,
+    auxk_code,
+    dense_acts,
+    expert_fractions,
+    feature_scaled_encoder,
+    global_topk,
+    load_balance_loss,
+    routed_preactivations,
+    router_probs,
+    select_experts,
+    sparse_acts,
+    sparse_decode,
+)
+
+FEATURE_SCALING_MODES = ("mean", "none")
+UNIT_NORM_TOLERANCE = 1e-4
+
+
+@dataclass
+class RoutedSAEConfig(SAEConfig):
+    """Inference config shared by the routed architectures.
+
+    Args:
+        n_experts: number of experts; the d_sae latents are split into contiguous blocks of d_sae / n_experts.
+        k: number of active latents per token after the global top-k.
+    """
+
+    n_experts: int = 32
+    k: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_routed_config(self)
+
+
+@dataclass(kw_only=True)
+class RoutedTrainingSAEConfig(TrainingSAEConfig):
+    """Training config shared by the routed architectures.
+
+    Args:
+        n_experts: number of experts; the d_sae latents are split into contiguous blocks of d_sae / n_experts.
+        k: number of active latents per token after the global top-k.
+        load_balance_coefficient: weight of the Switch load-balancing loss, per input dimension. The reconstruction
+            loss is a per-token sum over d_in, so the balance loss is multiplied by ``load_balance_coefficient * d_in``;
+            3.0 is the papers' 3 * d_in. The Switch repo found 1 to 30 equally good and 0 much worse.
+        aux_loss_coefficient: weight of the AuxK loss that lets dead latents reconstruct the residual (0 turns it off).
+        normalize_decoder_rows: train with decoder rows at unit norm by reparametrisation. Export folds the norms, so
+            the saved W_dec has unit rows. SAELens sets it to False when it folds a whitening into the decoder.
+    """
+
+    n_experts: int = 32
+    k: int = 32
+    load_balance_coefficient: float = 3.0
+    aux_loss_coefficient: float = 1.0
+    normalize_decoder_rows: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_routed_config(self)
+        _require_number(self, "load_balance_coefficient", minimum=0.0)
+        _require_number(self, "aux_loss_coefficient", minimum=0.0)
+        if not isinstance(self.normalize_decoder_rows, bool):
+            _fail(self, "normalize_decoder_rows", "must be True or False")
+        if self.feature_scaling not in FEATURE_SCALING_MODES:
+            _fail(self, "feature_scaling", f"must be one of {FEATURE_SCALING_MODES}")
+        if self.aux_loss_coefficient > 0 and self.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+            _fail(
+                self,
+                "normalize_activations",
+                "cannot be combined with the AuxK loss, whose residual lives in the unnormalised space; "
+                "use 'none' or 'expected_average_only_in', or set aux_loss_coefficient=0",
+            )
+
+
+def validate_routed_config(cfg: RoutedSAEConfig | RoutedTrainingSAEConfig) -> None:
+    """Reject every inconsistent shape at construction time, naming the field, the value and the fix."""
+    _require_int(cfg, "d_in", minimum=1)
+    _require_int(cfg, "d_sae", minimum=1)
+    _require_int(cfg, "n_experts", minimum=1)
+    _require_int(cfg, "n_active_experts", minimum=1)
+    _require_int(cfg, "k", minimum=1)
+    if cfg.d_sae % cfg.n_experts:
+        lower = cfg.d_sae - cfg.d_sae % cfg.n_experts
+        _fail(
+            cfg,
+            "d_sae",
+            f"is not divisible by n_experts={cfg.n_experts}; experts are equal blocks of latents, "
+            f"so use a multiple of n_experts such as {lower or cfg.n_experts} or {lower + cfg.n_experts}, "
+            "or a n_experts that divides d_sae",
+        )
+    if cfg.n_active_experts > cfg.n_experts:
+        _fail(cfg, "n_active_experts", f"exceeds n_experts={cfg.n_experts}; use 1 <= n_active_experts <= n_experts")
+    candidates = cfg.n_active_experts * (cfg.d_sae // cfg.n_experts)
+    if cfg.k > candidates:
+        _fail(
+            cfg,
+            "k",
+            f"exceeds the {candidates} latents a token can reach (n_active_experts={cfg.n_active_experts} experts "
+            f"of d_sae / n_experts = {cfg.d_sae // cfg.n_experts} latents); lower k or raise n_active_experts or d_sae",
+        )
+    try:
+        str_to_dtype(cfg.dtype)
+    except ValueError:
+        _fail(
+            cfg, "dtype", "is not a torch dtype name SAELens knows; use 'float32', 'bfloat16', 'float16' or 'float64'"
+        )
+
+
+def _fail(cfg: Any, field: str, problem: str) -> None:
+    raise ValueError(f"{type(cfg).__name__}.{field}={getattr(cfg, field)!r} {problem}.")
+
+
+def _require_int(cfg: Any, field: str, minimum: int) -> None:
+    value = getattr(cfg, field)
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(cfg, field, f"must be an int (got {type(value).__name__})")
+    if value < minimum:
+        _fail(cfg, field, f"must be >= {minimum}")
+
+
+def _require_number(cfg: Any, field: str, minimum: float) -> None:
+    value = getattr(cfg, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(cfg, field, "must be a finite number")
+    if value < minimum:
+        _fail(cfg, field, f"must be >= {minimum}")
+
+
+T_ROUTED_CONFIG = TypeVar("T_ROUTED_CONFIG", bound=RoutedSAEConfig)
+T_ROUTED_TRAINING_CONFIG = TypeVar("T_ROUTED_TRAINING_CONFIG", bound=RoutedTrainingSAEConfig)
+
+
+class _RoutedMixin:
+    """What the inference and the training SAE share: parameters, the routed encode and the router-aware folds."""
+
+    cfg: Any
+    dtype: torch.dtype
+    device: torch.device
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_dec: nn.Parameter
+    W_router: nn.Parameter
+    b_router: nn.Parameter
+    hook_router_probs: HookPoint
+
+    def _init_routed_weights(self) -> None:
+        d_in, n_experts = self.cfg.d_in, self.cfg.n_experts
+        self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
+        bound = 1 / math.sqrt(d_in)
+        router = torch.empty(d_in, n_experts, dtype=self.dtype, device=self.device).uniform_(-bound, bound)
+        self.W_router = nn.Parameter(router)
+        self.b_router = nn.Parameter(torch.zeros(d_in, dtype=self.dtype, device=self.device))
+
+    def _omega(self) -> Tensor | None:
+        return None
+
+    def encode_routed(self, x: Tensor) -> RoutedEncoding:
+        """The sparse encoding of ``x [..., d_in]`` on a flat batch: routing, candidates and the k active latents.
+
+        This is the fast path: no [batch, d_sae] tensor is built. Hooks see tensors with x's leading dims.
+        """
+        sae_in = self.run_time_activation_norm_fn_in(self.hook_sae_input(self.reshape_fn_in(x.to(self.dtype))))
+        leading = sae_in.shape[:-1]
+        sae_in = sae_in.reshape(-1, self.cfg.d_in)
+        centered = sae_in - self.b_dec * self.cfg.apply_b_dec_to_input
+        probs = router_probs(sae_in, self.W_router, self.b_router)
+        routing = select_experts(_hooked(self.hook_router_probs, probs, leading), self.cfg.n_active_experts)
+        candidates = routed_preactivations(
+            centered, self.W_enc, self.b_enc, routing.experts, self.cfg.n_experts, self._omega()
+        )
+        candidates = _hooked(self.hook_sae_acts_pre, candidates, leading)
+        return RoutedEncoding(routing, candidates, global_topk(candidates, routing, self.cfg.k))
+
+    def _encode_dense(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """SAELens's encode contract: ``[..., d_sae]`` activations (and ``[..., n_active * m]`` candidates)."""
+        encoding = self.encode_routed(x)
+        leading = x.shape[:-2] if self.hook_z_reshaping_mode else x.shape[:-1]
+        acts = dense_acts(encoding.code, self.cfg.d_sae).view(*leading, self.cfg.d_sae)
+        return self.hook_sae_acts_post(acts), encoding.candidates.view(*leading, -1)
+
+    @torch.no_grad()
+    def _fold_router_scaling(self, scaling_factor: float) -> None:
+        """Fold SAELens's input scaling ``x * s`` so the SAE takes raw x and returns raw reconstructions.
+
+        Every pre-activation is linear in the centred input, so dividing the biases by s divides the
+        pre-activations, the activations and the reconstruction by s: the top-k and the routing are unchanged, and
+        the decoder keeps its unit-norm rows. The router sees ``(x * s - b_router) @ W = (x - b_router / s) @ (s W)``.
+        """
+        self.b_enc.data /= scaling_factor
+        self.b_dec.data /= scaling_factor
+        self.b_router.data /= scaling_factor
+        self.W_router.data *= scaling_factor
+        self.cfg.normalize_activations = "none"
+
+    @torch.no_grad()
+    def _fold_router_whitening(self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor) -> None:
+        """The router sees ``(x - mean) @ M - b_router``, which is ``x - (mean + b_router @ M^-1)`` times M."""
+        dtype = torch.promote_types(self.W_router.dtype, whitening_matrix.dtype)
+        whitening_matrix = whitening_matrix.to(self.device, dtype)
+        self.W_router.data.copy_(whitening_matrix @ self.W_router.data.to(dtype))
+        shifted = self.b_router.data.to(dtype) @ unwhitening_matrix.to(self.device, dtype) + mean.to(self.device, dtype)
+        self.b_router.data.copy_(shifted)
+
+    @torch.no_grad()
+    def _require_unit_decoder_rows(self) -> None:
+        norms = self.W_dec.norm(dim=-1)
+        worst = (norms - 1).abs().max().item()
+        if worst > UNIT_NORM_TOLERANCE:
+            raise NotImplementedError(
+                f"fold_W_dec_norm on a {self.cfg.architecture()!r} SAE needs unit-norm W_dec rows (max |norm - 1| is "
+                f"{worst:.3g}): rescaling latents would change which k win the top-k, so the fold could not be exact. "
+                "Exported scale/switch SAEs already have unit rows; this one was changed after export."
+            )
+
+
+def _hooked(hook: HookPoint, flat: Tensor, leading: torch.Size) -> Tensor:
+    """Run a hook on the tensor with the caller's leading dims, then flatten back."""
+    return hook(flat.view(*leading, flat.shape[-1])).reshape(flat.shape)
+
+
+class RoutedSAE(_RoutedMixin, SAE[T_ROUTED_CONFIG]):
+    """Inference SAE of a routed architecture: plain weights, linear decode, only routed experts computed."""
+
+    def __init__(self, cfg: T_ROUTED_CONFIG, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self.hook_router_probs = HookPoint()
+        self.setup()
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        self._init_routed_weights()
+
+    @override
+    def encode(self, x: Tensor) -> Tensor:
+        return self._encode_dense(x)[0]
+
+    @override
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        sae_out = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
+        sae_out = self.run_time_activation_norm_fn_out(sae_out)
+        return self.reshape_fn_out(sae_out, self.d_head)
+
+    @override
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        self._fold_router_scaling(scaling_factor)
+
+    @override
+    @torch.no_grad()
+    def fold_activation_whitening(self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor) -> None:
+        self._fold_router_whitening(mean, whitening_matrix, unwhitening_matrix)
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
+
+    @override
+    def fold_W_dec_norm(self) -> None:
+        """Exported rows are already unit norm, so this is a no-op; any other state cannot be folded exactly."""
+        self._require_unit_decoder_rows()
+
+
+class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
+    """Training SAE of a routed architecture.
+
+    ``training_forward_pass`` is the fast path: only routed experts are multiplied, the decode gathers k decoder rows
+    per token, and the trainer gets its feature activations as a detached sparse COO tensor for its firing
+    statistics. ``encode``/``decode``/``forward`` keep SAELens's dense contract for evals and hooks.
+    """
+
+    def __init__(self, cfg: T_ROUTED_TRAINING_CONFIG, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self.hook_router_probs = HookPoint()
+        self.hook_sae_acts_post = SparseHookPoint(self.cfg.d_sae)
+        self.setup()
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        self._init_routed_weights()
+        if self.cfg.feature_scaling == "mean":
+            self.omega = nn.Parameter(torch.zeros(self.cfg.n_experts, dtype=self.dtype, device=self.device))
+
+    @override
+    def _omega(self) -> Tensor | None:
+        return self.omega if self.cfg.feature_scaling == "mean" else None
+
+    def decoder_row_norms(self) -> Tensor | None:
+        """Row norms the forward divides by, or None when the decoder is used as stored."""
+        return self.W_dec.norm(dim=-1) if self.cfg.normalize_decoder_rows else None
+
+    def effective_W_dec(self) -> Tensor:
+        norms = self.decoder_row_norms()
+        return self.W_dec if norms is None else self.W_dec / norms.unsqueeze(-1)
+
+    def effective_W_enc(self) -> Tensor:
+        omega = self._omega()
+        return self.W_enc if omega is None else feature_scaled_encoder(self.W_enc, omega)
+
+    @override
+    def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Dense activations and the routed candidates' pre-activations (not a full [..., d_sae] hidden_pre)."""
+        return self._encode_dense(x)
+
+    @override
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        sae_out = self.hook_sae_recons(feature_acts @ self.effective_W_dec() + self.b_dec)
+        sae_out = self.run_time_activation_norm_fn_out(sae_out)
+        return self.reshape_fn_out(sae_out, self.d_head)
+
+    @override
+    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        return {}
+
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: Tensor,
+        hidden_pre: Tensor,
+        sae_out: Tensor,
+    ) -> dict[str, Tensor]:
+        """SAELens's hook for a dense pass; the routed losses need the routing and live in ``routed_losses``."""
+        return {}
+
+    def routed_losses(self, step_input: TrainStepInput, encoding: RoutedEncoding, sae_out: Tensor) -> dict[str, Tensor]:
+        """Load balancing (times d_in, to match the per-token-sum MSE) and AuxK over the computed candidates."""
+        losses = {
+            "load_balance_loss": self.cfg.load_balance_coefficient * self.cfg.d_in * load_balance_loss(encoding.routing)
+        }
+        dead = step_input.dead_neuron_mask
+        num_dead = 0 if dead is None or self.cfg.aux_loss_coefficient == 0 else int(dead.sum())
+        if num_dead == 0:
+            losses["auxiliary_reconstruction_loss"] = sae_out.new_zeros(())
+            return losses
+        k_aux = self.cfg.d_in // 2
+        residual = (step_input.sae_in - sae_out).detach()
+        aux_recons = sparse_decode(
+            auxk_code(encoding, dead, min(k_aux, num_dead)), self.W_dec, self.decoder_row_norms()
+        )
+        scale = min(num_dead / k_aux, 1.0)
+        aux_loss = (aux_recons - residual).pow(2).sum(dim=-1).mean()
+        losses["auxiliary_reconstruction_loss"] = self.cfg.aux_loss_coefficient * scale * aux_loss
+        return losses
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        encoding = self.encode_routed(step_input.sae_in)
+        feature_acts = self.hook_sae_acts_post(sparse_acts(encoding.code, self.cfg.d_sae))
+        decoded = sparse_decode(encoding.code, self.W_dec, self.decoder_row_norms()) + self.b_dec
+        sae_out = self.run_time_activation_norm_fn_out(self.hook_sae_recons(decoded))
+        mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
+        losses = {"mse_loss": mse_loss, **self.routed_losses(step_input, encoding, sae_out)}
+        return TrainStepOutput(
+            sae_in=step_input.sae_in,
+            sae_out=sae_out,
+            feature_acts=feature_acts,
+            hidden_pre=encoding.candidates,
+            loss=torch.stack(list(losses.values())).sum(),
+            losses=losses,
+            metrics=self._routing_metrics(encoding) if step_input.is_logging_step else {},
+        )
+
+    @torch.no_grad()
+    def _routing_metrics(self, encoding: RoutedEncoding) -> dict[str, Tensor | float]:
+        fractions = expert_fractions(encoding.routing, self.cfg.n_experts)
+        entropy = -(fractions * fractions.clamp_min(1e-12).log()).sum()
+        metrics: dict[str, Tensor | float] = {
+            "routing/expert_usage_entropy": entropy / math.log(self.cfg.n_experts) if self.cfg.n_experts > 1 else 1.0,
+            "routing/max_expert_fraction": fractions.max(),
+            "routing/load_balance": load_balance_loss(encoding.routing),
+        }
+        omega = self._omega()
+        if omega is not None:
+            metrics["routing/omega_mean"] = omega.mean()
+        return metrics
+
+    @override
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        """Fold Feature Scaling into W_enc and the decoder norms into W_dec; drop training-only tensors."""
+        super().process_state_dict_for_saving_inference(state_dict)
+        omega = state_dict.pop("omega", None)
+        if omega is not None:
+            state_dict["W_enc"] = feature_scaled_encoder(state_dict["W_enc"], omega).contiguous()
+        if self.cfg.normalize_decoder_rows:
+            W_dec = state_dict["W_dec"]
+            state_dict["W_dec"] = (W_dec / W_dec.norm(dim=-1, keepdim=True)).contiguous()
+
+    @torch.no_grad()
+    def fold_feature_scaling(self) -> None:
+        """Write Feature Scaling into W_enc and reset omega to 0: same outputs, plain encoder."""
+        omega = self._omega()
+        if omega is not None:
+            self.W_enc.data.copy_(feature_scaled_encoder(self.W_enc.data, omega.data))
+            omega.data.zero_()
+
+    @override
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        self._fold_router_scaling(scaling_factor)
+
+    @override
+    @torch.no_grad()
+    def fold_activation_whitening(self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor) -> None:
+        """Fold a whitening exactly: Feature Scaling and decoder norms first, then the affine maps.
+
+        Unwhitening gives the decoder rows non-unit norms that must be kept, so training stops normalising them
+        (``normalize_decoder_rows=False``), as SAELens's TopK does with ``rescale_acts_by_decoder_norm``.
+        """
+        self.fold_feature_scaling()
+        self.fold_W_dec_norm()
+        self.cfg.normalize_decoder_rows = False
+        self._fold_router_whitening(mean, whitening_matrix, unwhitening_matrix)
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
+
+    @override
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        """With the unit-norm reparametrisation the stored row norms do not affect outputs: normalise them."""
+        if self.cfg.normalize_decoder_rows:
+            self.W_dec.data /= self.W_dec.data.norm(dim=-1, keepdim=True)
+        else:
+            self._require_unit_decoder_rows()
+
+    @override
+    @torch.no_grad()
+    def log_histograms(self) -> dict[str, Any]:
+        histograms = super().log_histograms()
+        omega = self._omega()
+        if omega is not None:
+            histograms["weights/omega"] = omega.detach().float().cpu().numpy()
+        return histograms
