@@ -44,49 +44,72 @@ def select_experts(probs: Tensor, n_active: int) -> Routing:
     return Routing(probs, experts, gates)
 
 
-class _GroupedExpertMatmul(torch.autograd.Function):
-    """``x_sorted[rows of expert i] @ W_enc[:, block i]`` for every expert, in one autograd node.
+class ExpertGroups(NamedTuple):
+    """The batch's (token, slot) assignments sorted by expert, so each expert's tokens are one contiguous block."""
 
-    Slicing the flat W_enc per expert under autograd would make each slice's backward zero-fill a full-size
-    gradient (the DESIGN.md speed trap). Here the backward writes each expert's block of the gradient exactly
-    once into a single buffer, and experts that received no token get an explicit zero block.
+    order: Tensor  # [batch * n_active] assignment ids (token * n_active + slot), sorted by expert
+    unsort: Tensor  # inverse permutation of order
+    counts: list[int]  # assignments per expert
+
+
+def group_by_expert(experts: Tensor, n_experts: int) -> ExpertGroups:
+    flat = experts.flatten()
+    order = flat.argsort(stable=True)
+    unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return ExpertGroups(order, unsort, torch.bincount(flat, minlength=n_experts).tolist())
+
+
+class _RoutedExpertMatmul(torch.autograd.Function):
+    """``x[token] @ W_enc[:, block of expert]`` for every (token, slot) assignment, in one autograd node.
+
+    Slicing the flat W_enc per expert under autograd would make each slice's backward zero-fill a full-size gradient
+    (the DESIGN.md speed trap). Here one matmul per expert runs on its contiguous block of sorted assignments, and the
+    backward writes each expert's gradient block exactly once into a single buffer (unrouted experts get an explicit
+    zero block). Every permutation is a gather, including the input gradient: each token has exactly n_active
+    assignments, so its gradient is a sum over its slots rather than a scatter-add.
     """
 
     @staticmethod
-    def forward(ctx: Any, x_sorted: Tensor, W_enc: Tensor, counts: list[int]) -> Tensor:
-        n_experts = len(counts)
-        d_in, d_sae = W_enc.shape
-        blocks = W_enc.view(d_in, n_experts, d_sae // n_experts).transpose(0, 1)
-        out = x_sorted.new_empty(x_sorted.shape[0], d_sae // n_experts)
-        for expert, rows in enumerate(_expert_row_slices(counts)):
+    def forward(ctx: Any, x: Tensor, W_enc: Tensor, groups: ExpertGroups) -> Tensor:
+        n_active = groups.order.numel() // x.shape[0]
+        x_sorted = x.index_select(0, groups.order // n_active)
+        blocks = _expert_blocks(W_enc, len(groups.counts))
+        out_sorted = x.new_empty(x_sorted.shape[0], blocks.shape[-1])
+        for expert, rows in enumerate(_expert_row_slices(groups.counts)):
             if rows.stop > rows.start:
-                torch.mm(x_sorted[rows], blocks[expert], out=out[rows])
+                torch.mm(x_sorted[rows], blocks[expert], out=out_sorted[rows])
         ctx.save_for_backward(x_sorted, W_enc)
-        ctx.counts = counts
-        return out
+        ctx.groups, ctx.batch = groups, x.shape[0]
+        return out_sorted.index_select(0, groups.unsort)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
         x_sorted, W_enc = ctx.saved_tensors
-        n_experts = len(ctx.counts)
-        d_in, d_sae = W_enc.shape
-        blocks = W_enc.view(d_in, n_experts, d_sae // n_experts).transpose(0, 1)
+        groups: ExpertGroups = ctx.groups
+        blocks = _expert_blocks(W_enc, len(groups.counts))
+        grad_sorted = grad_out.index_select(0, groups.order)
         grad_W = torch.empty_like(W_enc)
-        grad_blocks = grad_W.view(d_in, n_experts, d_sae // n_experts).transpose(0, 1)
-        grad_x = torch.empty_like(x_sorted)
-        grad_out = grad_out.contiguous()
-        for expert, rows in enumerate(_expert_row_slices(ctx.counts)):
+        grad_blocks = _expert_blocks(grad_W, len(groups.counts))
+        grad_x_sorted = torch.empty_like(x_sorted)
+        for expert, rows in enumerate(_expert_row_slices(groups.counts)):
             if rows.stop > rows.start:
-                torch.mm(x_sorted[rows].t(), grad_out[rows], out=grad_blocks[expert])
-                torch.mm(grad_out[rows], blocks[expert].t(), out=grad_x[rows])
+                torch.mm(x_sorted[rows].t(), grad_sorted[rows], out=grad_blocks[expert])
+                torch.mm(grad_sorted[rows], blocks[expert].t(), out=grad_x_sorted[rows])
             else:
                 grad_blocks[expert].zero_()
+        grad_x = grad_x_sorted.index_select(0, groups.unsort).view(ctx.batch, -1, x_sorted.shape[1]).sum(1)
         return grad_x, grad_W, None
+
+
+def _expert_blocks(W: Tensor, n_experts: int) -> Tensor:
+    """View a flat [d_in, d_sae] encoder as [n_experts, d_in, m] without copying."""
+    d_in, d_sae = W.shape
+    return W.view(d_in, n_experts, d_sae // n_experts).transpose(0, 1)
 
 
 def _expert_row_slices(counts: list[int]) -> list[slice]:
     ends = torch.tensor(counts).cumsum(0).tolist()
-    return [slice(end - count, end) for count, end in zip(counts, ends)]
+    return [slice(end - count, end) for count, end in zip(counts, ends, strict=True)]
 
 
 def routed_preactivations(
@@ -105,19 +128,12 @@ def routed_preactivations(
     """
     batch, n_active = experts.shape
     expert_width = W_enc.shape[1] // n_experts
-    flat_experts = experts.flatten()
-    order = flat_experts.argsort(stable=True)
-    counts = torch.bincount(flat_experts, minlength=n_experts).tolist()
-    x_sorted = sae_in_centered[order // n_active]
-    weights = W_enc
-    if torch.is_autocast_enabled(x_sorted.device.type):
-        compute_dtype = torch.get_autocast_dtype(x_sorted.device.type)
-        x_sorted, weights = x_sorted.to(compute_dtype), W_enc.to(compute_dtype)
-    else:
-        x_sorted = x_sorted.to(W_enc.dtype)
-    sorted_preacts = _GroupedExpertMatmul.apply(x_sorted, weights, counts)
-    unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    preacts = sorted_preacts[unsort].view(batch, n_active, expert_width)
+    x, weights = sae_in_centered.to(W_enc.dtype), W_enc
+    if torch.is_autocast_enabled(x.device.type):
+        compute_dtype = torch.get_autocast_dtype(x.device.type)
+        x, weights = x.to(compute_dtype), W_enc.to(compute_dtype)
+    preacts = _RoutedExpertMatmul.apply(x, weights, group_by_expert(experts, n_experts))
+    preacts = preacts.view(batch, n_active, expert_width)
     if omega is not None:
         centred = preacts - preacts.mean(dim=-1, keepdim=True)
         preacts = preacts + omega[experts].unsqueeze(-1) * centred
@@ -152,12 +168,17 @@ def dense_acts(code: SparseCode, d_sae: int) -> Tensor:
 
 
 def sparse_acts(code: SparseCode, d_sae: int) -> Tensor:
-    """The same activations as a detached COO tensor: what the trainer needs for its firing statistics."""
+    """The same activations as a detached, coalesced COO tensor: what the trainer needs for its firing statistics.
+
+    Sorting each token's k latents makes the indices lexicographically ordered and unique, so the tensor can be
+    declared coalesced and the trainer's reductions skip a full coalesce of batch * k entries.
+    """
     batch, k = code.latents.shape
-    rows = torch.arange(batch, device=code.latents.device).repeat_interleave(k)
-    indices = torch.stack([rows, code.latents.flatten()])
+    latents, order = code.latents.sort(dim=1)
+    rows = torch.arange(batch, device=latents.device).repeat_interleave(k)
+    values = code.acts.detach().gather(1, order).flatten()
     return torch.sparse_coo_tensor(
-        indices, code.acts.detach().flatten(), (batch, d_sae), is_coalesced=False, check_invariants=False
+        torch.stack([rows, latents.flatten()]), values, (batch, d_sae), is_coalesced=True, check_invariants=False
     )
 
 

@@ -1,9 +1,8 @@
 """Configs, registration, export and SAELens's folds on the routed architectures."""
 
-from typing import Any
-
 import runpy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
