@@ -201,7 +201,7 @@ def auxk_code(encoding: RoutedEncoding, dead_latents: Tensor, k_aux: int) -> Spa
     which is what the load-balancing loss already encourages.
     """
     experts = encoding.routing.experts
-    batch, n_active = experts.shape
+    n_active = experts.shape[1]
     expert_width = encoding.candidates.shape[1] // n_active
     local = torch.arange(expert_width, device=experts.device)
     candidate_latents = (experts.unsqueeze(-1) * expert_width + local).flatten(1)
