@@ -41,6 +41,7 @@ from sae_lens_scale.routing import (
     load_balance_loss,
     routed_preactivations,
     router_probs,
+    row_norms,
     select_experts,
     sparse_acts,
     sparse_decode,
@@ -319,7 +320,7 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
 
     def decoder_row_norms(self) -> Tensor | None:
         """Row norms the forward divides by, or None when the decoder is used as stored."""
-        return self.W_dec.norm(dim=-1) if self.cfg.normalize_decoder_rows else None
+        return row_norms(self.W_dec) if self.cfg.normalize_decoder_rows else None
 
     def effective_W_dec(self) -> Tensor:
         norms = self.decoder_row_norms()
