@@ -13,6 +13,7 @@ block instead of running all 30.
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETraining
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
-from transformer_lens.hook_points import HookedRootModule
+from transformer_lens.hook_points import HookedRootModule, HookPoint
 
 from sae_lens_scale import metrics
 from sae_lens_scale.offline import CORPORA, SMOLLM2_MODEL_NAME, build_token_dataset, load_corpus, load_smollm2_hooked
@@ -151,23 +152,24 @@ class LossRecorder:
     """Per-step reconstruction loss of the SAE while it trains, read through its hook points.
 
     SAELens's trainer keeps no loss history without wandb; hooking ``hook_sae_input`` and ``hook_sae_recons`` sees
-    every training batch without touching the runner.
+    every training batch without touching the runner. Hook points follow the SAE's train/eval mode, so evaluation
+    passes are not recorded.
     """
 
-    def __init__(self, sae: Any) -> None:
-        self.sae, self.losses, self._sae_in = sae, [], None
-        sae.add_hook("hook_sae_input", self._keep_input)
-        sae.add_hook("hook_sae_recons", self._record)
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self._sae_in: torch.Tensor | None = None
 
-    def _keep_input(self, sae_in: torch.Tensor, hook: Any) -> None:
+    @property
+    def fwd_hooks(self) -> list[tuple[str, Callable[..., None]]]:
+        return [("hook_sae_input", self._keep_input), ("hook_sae_recons", self._record)]
+
+    def _keep_input(self, sae_in: torch.Tensor, hook: HookPoint) -> None:
         self._sae_in = sae_in.detach()
 
-    def _record(self, recons: torch.Tensor, hook: Any) -> None:
-        if self.sae.training and self._sae_in is not None:
+    def _record(self, recons: torch.Tensor, hook: HookPoint) -> None:
+        if hook.training and self._sae_in is not None:
             self.losses.append((recons.detach() - self._sae_in).pow(2).sum(-1).mean().item())
-
-    def remove(self) -> None:
-        self.sae.reset_hooks()
 
 
 def heldout_activations(model: HookedRootModule, heldout: Dataset, hook: str, n_rows: int) -> torch.Tensor:
@@ -226,9 +228,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     train, heldout = token_splits(cfg, tokenizer)
     runner_cfg = runner_config(cfg, model.cfg.d_model, output)
     runner = LanguageModelSAETrainingRunner(runner_cfg, override_dataset=train, override_model=model)
-    recorder = LossRecorder(runner.sae)
-    sae = runner.run()
-    recorder.remove()
+    recorder = LossRecorder()
+    with runner.sae.hooks(fwd_hooks=recorder.fwd_hooks):
+        sae = runner.run()
     trained_at = time.perf_counter()
 
     sae.eval()
