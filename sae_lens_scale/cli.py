@@ -1,17 +1,22 @@
-"""``sae-lens-scale``: the command line. ``demo`` is the main job (see ``sae_lens_scale.demo``)."""
+"""``sae-lens-scale``: ``demo`` (the main job, see ``sae_lens_scale.demo``) and ``analyze`` (``sae_lens_scale.analyze``)."""
 
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import MISSING, fields
+from typing import Any
 
-from sae_lens_scale.demo import DemoConfig, HubUnavailable, format_summary, run_demo
+from sae_lens_scale.analyze import AnalyzeConfig, analysis_rows, run_analysis
+from sae_lens_scale.demo import DemoConfig, run_demo, summary_rows
 from sae_lens_scale.offline import MissingOfflineAsset
+from sae_lens_scale.sources import HubUnavailable
 
+MODEL_HELP = "TransformerLens model name; smollm2-135m is bundled and offline"
+DATASET_HELP = "a bundled corpus (shakespeare, python-docs) or a Hugging Face dataset path"
 DEMO_FLAGS = {
-    "model": ("--model", "TransformerLens model name; the default is bundled and offline"),
+    "model": ("--model", MODEL_HELP),
     "hook": ("--hook", "hook point whose activations the SAE reconstructs"),
-    "dataset": ("--dataset", "a bundled corpus (shakespeare, python-docs) or a Hugging Face dataset path"),
+    "dataset": ("--dataset", DATASET_HELP),
     "architecture": ("--architecture", "scale or switch"),
     "n_experts": ("--n-experts", "experts"),
     "active_experts": ("--active-experts", "experts per token (scale only)"),
@@ -20,38 +25,68 @@ DEMO_FLAGS = {
     "training_tokens": ("--training-tokens", "tokens to train on"),
     "output": ("--output", "folder for the SAE, summary.json and plots"),
 }
+ANALYZE_FLAGS = {
+    "path": ("path", "SAE folder, or a Hub repo id together with --sae-id"),
+    "sae_id": ("--sae-id", "SAE id inside a Hub repo"),
+    "model": ("--model", f"{MODEL_HELP} (default: the SAE's own model)"),
+    "hook": ("--hook", "hook point (default: the SAE's own hook)"),
+    "dataset": ("--dataset", DATASET_HELP + "; its held-out split is used"),
+    "tokens": ("--tokens", "held-out tokens to encode"),
+    "output": ("--output", "folder for analysis.json and plots"),
+}
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser, config_class: type, flags: dict[str, tuple[str, str]]
+) -> None:
+    """One argument per dataclass field named in ``flags``, typed and defaulted from the dataclass."""
+    for field in fields(config_class):
+        if field.name not in flags:
+            continue
+        flag, help_text = flags[field.name]
+        if field.default is MISSING:
+            parser.add_argument(flag, help=help_text)
+            continue
+        value_type = type(field.default) if field.default is not None else str
+        choices = ("scale", "switch") if field.name == "architecture" else None
+        parser.add_argument(
+            flag,
+            dest=field.name,
+            type=value_type,
+            default=field.default,
+            choices=choices,
+            help=f"{help_text} (default: {field.default})",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-lens-scale", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train, evaluate, save, reload and plot a Scale SAE on a real LM")
-    defaults = DemoConfig()
-    for field in fields(DemoConfig):
-        if field.name in DEMO_FLAGS:
-            flag, help_text = DEMO_FLAGS[field.name]
-            default = getattr(defaults, field.name)
-            choices = ("scale", "switch") if field.name == "architecture" else None
-            demo.add_argument(
-                flag,
-                dest=field.name,
-                type=type(default),
-                default=default,
-                choices=choices,
-                help=f"{help_text} (default: {default})",
-            )
+    add_config_arguments(demo, DemoConfig, DEMO_FLAGS)
+    analyze = commands.add_parser("analyze", help="redundancy, activation similarity and expert metrics of an SAE")
+    add_config_arguments(analyze, AnalyzeConfig, ANALYZE_FLAGS)
     return parser
 
 
+def two_columns(rows: list[tuple[str, str]]) -> str:
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = DemoConfig(**{name: value for name, value in vars(args).items() if name != "command"})
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command")
+    run: Any = {
+        "demo": lambda: summary_rows(run_demo(DemoConfig(**args))),
+        "analyze": lambda: analysis_rows(run_analysis(AnalyzeConfig(**args))),
+    }[command]
     try:
-        summary = run_demo(config)
+        rows = run()
     except (MissingOfflineAsset, HubUnavailable, ValueError) as error:
-        print(f"sae-lens-scale demo: {error}", file=sys.stderr)
+        print(f"sae-lens-scale {command}: {error}", file=sys.stderr)
         return 1
-    print(format_summary(summary))
+    print(two_columns(rows))
     return 0
 
 

@@ -27,16 +27,11 @@ from sae_lens.training.activations_store import ActivationsStore
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
 from sae_lens_scale import metrics
-from sae_lens_scale.offline import CORPORA, SMOLLM2_MODEL_NAME, build_token_dataset, load_corpus, load_smollm2_hooked
+from sae_lens_scale.offline import SMOLLM2_MODEL_NAME
 from sae_lens_scale.routed_sae import RoutedTrainingSAEConfig
 from sae_lens_scale.scale_sae import ScaleTrainingSAEConfig
+from sae_lens_scale.sources import BUNDLED_MODEL, hook_activations, load_model, token_splits
 from sae_lens_scale.switch_sae import SwitchTrainingSAEConfig
-
-DEFAULT_MODEL = "smollm2-135m"
-
-
-class HubUnavailable(RuntimeError):
-    """A non-bundled model or dataset was asked for and the Hugging Face Hub cannot be reached."""
 
 
 @dataclass
@@ -47,7 +42,7 @@ class DemoConfig:
     carries the model's massive-activation dimensions, hence the activation normalisation.
     """
 
-    model: str = DEFAULT_MODEL
+    model: str = BUNDLED_MODEL
     hook: str = "blocks.6.hook_resid_post"
     dataset: str = "shakespeare"
     architecture: str = "scale"
@@ -74,49 +69,6 @@ def sae_config(cfg: DemoConfig, d_in: int) -> RoutedTrainingSAEConfig:
     if cfg.architecture == "switch":
         return SwitchTrainingSAEConfig(**common)
     raise ValueError(f"architecture={cfg.architecture!r} is not 'scale' or 'switch'.")
-
-
-def load_model(cfg: DemoConfig) -> tuple[HookedRootModule, Any]:
-    """The bundled SmolLM2 offline, else a TransformerLens model by name (which needs the Hugging Face Hub)."""
-    if cfg.model == DEFAULT_MODEL:
-        return load_smollm2_hooked()
-    from sae_lens import HookedSAETransformer
-
-    try:
-        model = HookedSAETransformer.from_pretrained_no_processing(cfg.model)
-    except OSError as error:
-        raise HubUnavailable(
-            f"--model {cfg.model} downloads from the Hugging Face Hub, which this machine cannot reach ({error}). "
-            f"Run without --model to use the bundled {SMOLLM2_MODEL_NAME}."
-        ) from error
-    return model, model.tokenizer
-
-
-def token_splits(cfg: DemoConfig, tokenizer: Any) -> tuple[Dataset, Dataset]:
-    """Train and held-out token datasets, split by document before tokenising."""
-    if cfg.dataset not in CORPORA:
-        from datasets import load_dataset
-
-        try:
-            dataset = load_dataset(cfg.dataset, split="train", streaming=True)
-        except (OSError, ConnectionError) as error:
-            raise HubUnavailable(
-                f"--dataset {cfg.dataset} downloads from the Hugging Face Hub, which this machine cannot reach "
-                f"({error}). Use one of the bundled corpora: {', '.join(CORPORA)}."
-            ) from error
-        texts = [row["text"] for row in dataset.take(20_000)]
-    else:
-        texts = load_corpus(cfg.dataset)
-    heldout_tokens = cfg.eval_batches * 8 * cfg.context_size * 4
-    splits = build_token_dataset(
-        tokenizer,
-        texts,
-        cfg.context_size,
-        cfg.heldout_fraction,
-        seed=cfg.seed,
-        max_tokens=max(cfg.training_tokens, heldout_tokens),
-    )
-    return splits.train, splits.heldout
 
 
 def runner_config(cfg: DemoConfig, d_in: int, output: Path) -> LanguageModelSAERunnerConfig[Any]:
@@ -172,14 +124,6 @@ class LossRecorder:
             self.losses.append((recons.detach() - self._sae_in).pow(2).sum(-1).mean().item())
 
 
-def heldout_activations(model: HookedRootModule, heldout: Dataset, hook: str, n_rows: int) -> torch.Tensor:
-    tokens = torch.as_tensor(heldout[:n_rows]["input_ids"])
-    layer = int(hook.split(".")[1]) + 1
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=hook, stop_at_layer=layer)
-    return cache[hook].reshape(-1, cache[hook].shape[-1])
-
-
 def evaluate(
     sae: SAE[Any],
     model: HookedRootModule,
@@ -223,9 +167,17 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(cfg)
+    model, tokenizer = load_model(cfg.model)
     loaded_at = time.perf_counter()
-    train, heldout = token_splits(cfg, tokenizer)
+    heldout_tokens = cfg.eval_batches * 8 * cfg.context_size * 4  # run_evals reads 8-prompt batches, 4 times
+    train, heldout = token_splits(
+        tokenizer,
+        cfg.dataset,
+        cfg.context_size,
+        cfg.heldout_fraction,
+        seed=cfg.seed,
+        max_tokens=max(cfg.training_tokens, heldout_tokens),
+    )
     runner_cfg = runner_config(cfg, model.cfg.d_model, output)
     runner = LanguageModelSAETrainingRunner(runner_cfg, override_dataset=train, override_model=model)
     recorder = LossRecorder()
@@ -235,7 +187,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     sae.eval()
     reloaded = SAE.load_from_disk(output / "sae")
-    activations = heldout_activations(model, heldout, cfg.hook, n_rows=32)
+    activations = hook_activations(model, heldout.select(range(32)), cfg.hook)
     with torch.no_grad():
         reload_error = (reloaded(activations) - sae(activations)).abs().max().item()
     evals = evaluate(reloaded, model, runner_cfg, heldout, cfg.eval_batches)
@@ -249,7 +201,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     ]
     summary = dict(
         config=asdict(cfg),
-        model=SMOLLM2_MODEL_NAME if cfg.model == DEFAULT_MODEL else cfg.model,
+        model=SMOLLM2_MODEL_NAME if cfg.model == BUNDLED_MODEL else cfg.model,
         train_rows=len(train),
         heldout_rows=len(heldout),
         training_steps=len(recorder.losses),
@@ -280,8 +232,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     return summary
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """A two-column table of the numbers a reader checks first."""
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The numbers a reader checks first, as (label, value) rows."""
     rows = [
         ("model / hook", f"{summary['model']} / {summary['config']['hook']}"),
         ("SAE", _describe(summary["config"])),
@@ -322,8 +274,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("saved to", summary["saved_to"]),
         ("plots", ", ".join(summary["plots"])),
     ]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+    return rows
 
 
 def _describe(cfg: dict[str, Any]) -> str:

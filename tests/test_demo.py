@@ -103,4 +103,4 @@ def test_hub_model_fails_at_download_with_a_clear_message(tmp_path: Path) -> Non
     )
     assert result.returncode == 1
     assert "--model gpt2 downloads from the Hugging Face Hub" in result.stderr
-    assert "Run without --model to use the bundled SmolLM2-135M-Instruct" in result.stderr
+    assert "Use --model smollm2-135m (the bundled SmolLM2-135M-Instruct)" in result.stderr

@@ -1,0 +1,132 @@
+"""``sae-lens-scale analyze``: the papers' analysis of a saved SAE (DESIGN.md section 6), as JSON, plots and a table.
+
+Works on any SAELens SAE folder or Hub release; the expert metrics appear when the SAE has experts, omega when the
+folder is a Scale training checkpoint (an exported Scale SAE has omega folded into W_enc).
+"""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import SAE
+from sae_lens.constants import SAE_WEIGHTS_FILENAME
+from sae_lens.saes.sae import TrainingSAE
+from safetensors import safe_open
+
+from sae_lens_scale import metrics
+from sae_lens_scale.sources import BUNDLED_MODEL, hook_activations, load_model, token_splits
+
+ACTIVATION_ROWS_PER_BATCH = 32
+
+
+@dataclass
+class AnalyzeConfig:
+    """What to analyse and on which activations.
+
+    ``model`` and ``hook`` default to the ones recorded in the SAE's metadata (the bundled model when none is).
+    Activations come from the held-out split of ``dataset``, so an SAE trained by the demo is never analysed on its
+    own training text.
+    """
+
+    path: str
+    sae_id: str | None = None
+    model: str | None = None
+    hook: str | None = None
+    dataset: str = "shakespeare"
+    tokens: int = 16_384
+    context_size: int = 128
+    seed: int = 0
+    output: str = "sae-lens-scale-analysis"
+
+
+def load_sae(path: str, sae_id: str | None) -> SAE[Any]:
+    """A local SAELens folder (inference export or training checkpoint), else a Hub repo with ``sae_id``."""
+    folder = Path(path)
+    if folder.is_dir():
+        with safe_open(str(folder / SAE_WEIGHTS_FILENAME), framework="pt") as weights:
+            is_training_checkpoint = "omega" in weights.keys()  # noqa: SIM118 (safe_open has no __contains__)
+        return (TrainingSAE if is_training_checkpoint else SAE).load_from_disk(folder)
+    if sae_id is None:
+        raise ValueError(f"PATH={path!r} is not a folder; to load from the Hub, pass the repo as PATH and --sae-id ID.")
+    return SAE.from_pretrained(path, sae_id)
+
+
+def heldout_activations(cfg: AnalyzeConfig, hook: str, model_name: str) -> torch.Tensor:
+    model, tokenizer = load_model(model_name)
+    splits = token_splits(tokenizer, cfg.dataset, cfg.context_size, 0.1, cfg.seed, max_tokens=cfg.tokens)
+    rows = splits.heldout.select(range(min(len(splits.heldout), cfg.tokens // cfg.context_size)))
+    batches = [
+        hook_activations(model, rows.select(range(start, min(start + ACTIVATION_ROWS_PER_BATCH, len(rows)))), hook)
+        for start in range(0, len(rows), ACTIVATION_ROWS_PER_BATCH)
+    ]
+    return torch.cat(batches)
+
+
+def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
+    sae = load_sae(cfg.path, cfg.sae_id)
+    hook = cfg.hook or sae.cfg.metadata.hook_name
+    if hook is None:
+        raise ValueError("The SAE's metadata names no hook_name; pass --hook.")
+    model_name = cfg.model or sae.cfg.metadata.model_name or BUNDLED_MODEL
+    activations = heldout_activations(cfg, hook, model_name)
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    name = sae.cfg.architecture()
+
+    redundancy = metrics.feature_redundancy(sae)
+    result: dict[str, Any] = {
+        "config": asdict(cfg),
+        "architecture": name,
+        "d_sae": sae.cfg.d_sae,
+        "model": model_name,
+        "hook": hook,
+        "tokens": activations.shape[0],
+        "redundancy": redundancy.to_dict(),
+        "activation_similarity": metrics.activation_similarity(sae, activations).to_dict(),
+        "plots": [str(metrics.plot_max_cosine_histogram({name: redundancy}, output / "max_cosine.png"))],
+    }
+    if hasattr(sae.cfg, "n_experts"):
+        experts = metrics.expert_redundancy(sae)
+        usage = metrics.expert_usage(sae, activations)
+        result["n_experts"] = sae.cfg.n_experts
+        result["expert_redundancy"] = experts.to_dict()
+        result["expert_usage"] = usage.to_dict()
+        result["plots"] += [
+            str(metrics.plot_expert_usage_cdf({name: usage}, output / "expert_usage.png")),
+            str(metrics.plot_intra_inter({name: experts}, output / "intra_inter.png")),
+        ]
+    if getattr(sae, "omega", None) is not None:
+        result["omega"] = metrics.omega_per_expert(sae).tolist()
+    (output / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def analysis_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    redundancy = result["redundancy"]
+    fractions = ", ".join(f"> {t}: {f:.4f}" for t, f in redundancy["fraction_above"].items())
+    rows = [
+        (
+            "SAE",
+            f"{result['architecture']} d_sae={result['d_sae']}"
+            + (f", {result['n_experts']} experts" if "n_experts" in result else ""),
+        ),
+        ("activations", f"{result['tokens']} held-out tokens of {result['model']} at {result['hook']}"),
+        ("redundancy (max cosine)", f"{fractions}; mean {redundancy['mean_max_cosine']:.3f}"),
+        ("activation similarity", f"{result['activation_similarity']['similarity']:.4f}"),
+    ]
+    if "expert_usage" in result:
+        experts, usage = result["expert_redundancy"], result["expert_usage"]
+        rows += [
+            (
+                "intra / inter mean max cosine",
+                f"{experts['intra_mean_max_cosine']:.3f} / {experts['inter_mean_max_cosine']:.3f}",
+            ),
+            ("expert usage entropy / dead", f"{usage['normalized_entropy']:.3f} / {usage['dead_fraction']:.3f}"),
+        ]
+    if "omega" in result:
+        omega = torch.tensor(result["omega"])
+        rows.append(("omega min / mean / max", f"{omega.min():.3f} / {omega.mean():.3f} / {omega.max():.3f}"))
+    rows.append(("plots", ", ".join(result["plots"])))
+    return rows
