@@ -11,11 +11,17 @@ Conventions (DESIGN.md section 2):
   Feature Scaling away, so the inference classes hold plain weights and reproduce the training outputs.
 """
 
+import inspect
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from types import FrameType
+from typing import Any, NamedTuple, TypeVar
 
+import sae_lens.saes.sae
 import torch
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import (
     SAE,
     SAEConfig,
@@ -81,6 +87,11 @@ class RoutedTrainingSAEConfig(TrainingSAEConfig):
         aux_loss_coefficient: weight of the AuxK loss that lets dead latents reconstruct the residual (0 turns it off).
         normalize_decoder_rows: train with decoder rows at unit norm by reparametrisation. Export folds the norms, so
             the saved W_dec has unit rows. SAELens sets it to False when it folds a whitening into the decoder.
+        router_collapse_fraction: an expert that gets more than this fraction of a batch's tokens is "collapsed"
+            routing (the others starve and their latents die). Only checked when n_active_experts / n_experts is
+            below it, since otherwise a balanced router already exceeds it.
+        router_collapse_window: consecutive training steps of collapsed routing after which a RuntimeWarning is
+            raised (once per SAE); the streak is logged every logging step as ``routing/collapse_streak``.
     """
 
     n_experts: int = 32
@@ -88,12 +99,18 @@ class RoutedTrainingSAEConfig(TrainingSAEConfig):
     load_balance_coefficient: float = 3.0
     aux_loss_coefficient: float = 1.0
     normalize_decoder_rows: bool = True
+    router_collapse_fraction: float = 0.9
+    router_collapse_window: int = 100
 
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_routed_config(self)
         _require_number(self, "load_balance_coefficient", minimum=0.0)
         _require_number(self, "aux_loss_coefficient", minimum=0.0)
+        _require_number(self, "router_collapse_fraction", minimum=0.0)
+        if not 0 < self.router_collapse_fraction <= 1:
+            _fail(self, "router_collapse_fraction", "must be in (0, 1]: it is a fraction of the batch's tokens")
+        _require_int(self, "router_collapse_window", minimum=1)
         if not isinstance(self.normalize_decoder_rows, bool):
             _fail(self, "normalize_decoder_rows", "must be True or False")
         if self.feature_scaling not in FEATURE_SCALING_MODES:
@@ -142,7 +159,9 @@ def validate_routed_config(cfg: RoutedSAEConfig | RoutedTrainingSAEConfig) -> No
 
 
 def _fail(cfg: Any, field: str, problem: str) -> None:
-    raise ValueError(f"{type(cfg).__name__}.{field}={getattr(cfg, field)!r} {problem}.")
+    source = _load_source()
+    where = f" (while loading {source.config})" if source is not None else ""
+    raise ValueError(f"{type(cfg).__name__}.{field}={getattr(cfg, field)!r} {problem}{where}.")
 
 
 def _require_int(cfg: Any, field: str, minimum: int) -> None:
@@ -159,6 +178,124 @@ def _require_number(cfg: Any, field: str, minimum: float) -> None:
         _fail(cfg, field, "must be a finite number")
     if value < minimum:
         _fail(cfg, field, f"must be >= {minimum}")
+
+
+class _LoadSource(NamedTuple):
+    """What SAELens is loading, in words for an error message."""
+
+    weights: str
+    config: str
+
+
+_SAE_MODULE_FILE = sae_lens.saes.sae.__file__
+
+
+def _load_source() -> _LoadSource | None:
+    """The file SAELens is loading right now, read from its loader's arguments; None outside a load.
+
+    SAELens hands ``process_state_dict_for_loading`` and config classes tensors and dicts, never the path, yet an error
+    about a mismatched file is little use without it. Its loaders have the path as an argument, so it is read from
+    their frame; if SAELens ever renames those, the messages just lose the path.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_filename == _SAE_MODULE_FILE:
+                source = _source_from_loader_frame(frame)
+                if source is not None:
+                    return source
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def _source_from_loader_frame(frame: FrameType) -> _LoadSource | None:
+    arguments, loader = frame.f_locals, frame.f_code.co_name
+    if loader == "load_from_disk" and "path" in arguments:
+        folder = Path(arguments["path"])
+        return _LoadSource(str(folder / SAE_WEIGHTS_FILENAME), str(folder / SAE_CFG_FILENAME))
+    if loader == "load_weights_from_checkpoint" and "checkpoint_path" in arguments:
+        weights = str(Path(arguments["checkpoint_path"]) / SAE_WEIGHTS_FILENAME)
+        return _LoadSource(weights, "the SAE config of the resumed run (LanguageModelSAERunnerConfig.sae)")
+    if loader == "from_pretrained_with_cfg_and_sparsity" and "sae_id" in arguments:
+        where = f"of release {arguments['release']!r}, sae_id {arguments['sae_id']!r}"
+        return _LoadSource(f"{SAE_WEIGHTS_FILENAME} {where}", f"{SAE_CFG_FILENAME} {where}")
+    return None
+
+
+# The config fields that fix each tensor's dimensions, to say which field a mismatched file disagrees with.
+_TENSOR_DIMS: dict[str, tuple[str, ...]] = {
+    "W_enc": ("d_in", "d_sae"),
+    "b_enc": ("d_sae",),
+    "W_dec": ("d_sae", "d_in"),
+    "b_dec": ("d_in",),
+    "W_router": ("d_in", "n_experts"),
+    "b_router": ("d_in",),
+    "omega": ("n_experts",),
+}
+
+
+def _state_dict_problems(state_dict: dict[str, Tensor], expected: dict[str, tuple[int, ...]], cfg: Any) -> list[str]:
+    """Every missing, unexpected, wrongly shaped or non-finite tensor, one line each; empty when the file fits."""
+    problems = [
+        f"{name} is missing (needs shape {shape})" for name, shape in expected.items() if name not in state_dict
+    ]
+    for name, tensor in state_dict.items():
+        if name not in expected:
+            problems.append(_unexpected_tensor(name, cfg))
+        elif tuple(tensor.shape) != expected[name]:
+            fields = ", ".join(f"{field}={getattr(cfg, field)}" for field in _TENSOR_DIMS.get(name, ()))
+            problems.append(f"{name} has shape {tuple(tensor.shape)}, but {fields} need {expected[name]}")
+        elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            count = int((~torch.isfinite(tensor)).sum())
+            problems.append(f"{name} has {count} NaN/inf values (the run that saved it diverged)")
+    return problems
+
+
+def _unexpected_tensor(name: str, cfg: Any) -> str:
+    if name == "omega" and not isinstance(cfg, TrainingSAEConfig):
+        return (
+            "omega is a training-only tensor: this is a training checkpoint, so load it with "
+            "TrainingSAE.load_from_disk, or export it with save_inference_model for SAE.load_from_disk"
+        )
+    return f"{name} is not a tensor of a {cfg.architecture()!r} SAE with this config"
+
+
+def _implied_config(state_dict: dict[str, Tensor]) -> dict[str, int]:
+    """The d_in, d_sae and n_experts the file's tensors were saved with, as far as their shapes tell."""
+    implied: dict[str, int] = {}
+    for name, tensor in state_dict.items():
+        for field, size in zip(_TENSOR_DIMS.get(name, ()), tensor.shape, strict=False):
+            implied.setdefault(field, size)
+    return implied
+
+
+def _raise_if_state_dict_mismatches(
+    state_dict: dict[str, Tensor], expected: dict[str, tuple[int, ...]], cfg: Any
+) -> None:
+    """Fail before torch copies anything, naming the file, every bad tensor, the config fields and the fix."""
+    problems = _state_dict_problems(state_dict, expected, cfg)
+    if not problems:
+        return
+    source = _load_source() or _LoadSource("the state dict", "the config")
+    implied = _implied_config(state_dict)
+    disagreeing = {field: size for field, size in implied.items() if getattr(cfg, field) != size}
+    listing = "".join(f"\n  - {problem}" for problem in problems)
+    hint = (
+        f"\nThe tensors were saved with {_fields(disagreeing)}, but {source.config} says "
+        f"{_fields({field: getattr(cfg, field) for field in disagreeing})}: the weights and the config come from "
+        "different SAEs. Load the weights with the config they were saved with."
+        if disagreeing
+        else "\nRe-save or re-download the SAE."
+    )
+    raise ValueError(
+        f"Cannot load {source.weights} into a {cfg.architecture()!r} SAE ({type(cfg).__name__}):{listing}{hint}"
+    )
+
+
+def _fields(values: dict[str, int]) -> str:
+    return ", ".join(f"{field}={value}" for field, value in values.items())
 
 
 T_ROUTED_CONFIG = TypeVar("T_ROUTED_CONFIG", bound=RoutedSAEConfig)
@@ -189,6 +326,15 @@ class _RoutedMixin:
 
     def _omega(self) -> Tensor | None:
         return None
+
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        """Check the file against the config before torch copies it, so a mismatch names the file, tensor and field.
+
+        (SAE's own hook is a no-op.) torch's load_state_dict would also refuse a wrong shape, but without the file, the
+        config field at fault or the fix, and it would load NaN weights silently.
+        """
+        expected = {name: tuple(tensor.shape) for name, tensor in self.state_dict().items()}
+        _raise_if_state_dict_mismatches(state_dict, expected, self.cfg)
 
     def encode_routed(self, x: Tensor) -> RoutedEncoding:
         """The sparse encoding of ``x [..., d_in]`` on a flat batch: routing, candidates and the k active latents.
@@ -306,6 +452,10 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
         self.hook_router_probs = HookPoint()
         self.hook_sae_acts_post = SparseHookPoint(self.cfg.d_sae)
         self.setup()
+        # Router-collapse monitor: plain attributes, not state, so checkpoints and exports are unchanged; a resumed
+        # run starts a new streak.
+        self.collapse_streak = 0
+        self._warned_collapse = False
 
     @override
     def initialize_weights(self) -> None:
@@ -378,21 +528,84 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """One routed training step; raises FloatingPointError instead of returning a loss that is not finite.
+
+        A NaN or inf loss would reach every weight through backward, gradient clipping and Adam, silently. Skipping
+        the step instead is not possible from here: the trainer calls Adam after this returns, and Adam moves the
+        weights by its momentum even with zero gradients. So the step fails before backward, with the weights and
+        optimizer state untouched, and the error says where the bad values are.
+        """
         encoding = self.encode_routed(step_input.sae_in)
         feature_acts = self.hook_sae_acts_post(sparse_acts(encoding.code, self.cfg.d_sae))
         decoded = sparse_decode(encoding.code, self.W_dec, self.decoder_row_norms()) + self.b_dec
         sae_out = self.run_time_activation_norm_fn_out(self.hook_sae_recons(decoded))
         mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
         losses = {"mse_loss": mse_loss, **self.routed_losses(step_input, encoding, sae_out)}
+        loss = torch.stack(list(losses.values())).sum()
+        if not torch.isfinite(loss):
+            raise self._non_finite_loss_error(step_input, losses)
+        self._track_router_collapse(encoding)
         return TrainStepOutput(
             sae_in=step_input.sae_in,
             sae_out=sae_out,
             feature_acts=feature_acts,
             hidden_pre=encoding.candidates,
-            loss=torch.stack(list(losses.values())).sum(),
+            loss=loss,
             losses=losses,
             metrics=self._routing_metrics(encoding) if step_input.is_logging_step else {},
         )
+
+    @torch.no_grad()
+    def _non_finite_loss_error(self, step_input: TrainStepInput, losses: dict[str, Tensor]) -> FloatingPointError:
+        """Name the step and the culprit: bad input activations (the usual case) or an overflow inside the SAE."""
+        sae_in = step_input.sae_in
+        step = f"Training step {step_input.n_training_steps} (0-based trainer.n_training_steps)"
+        untouched = "The step was not applied: weights and optimizer state are as before it."
+        n_nan, n_inf = int(sae_in.isnan().sum()), int(sae_in.isinf().sum())
+        if n_nan or n_inf:
+            bad_rows = int((~torch.isfinite(sae_in)).flatten(1).any(dim=1).sum())
+            return FloatingPointError(
+                f"{step}: the input activations contain {n_nan} NaN and {n_inf} inf values, in {bad_rows} of the "
+                f"batch's {sae_in.shape[0]} rows. {untouched} They come from the model or the activation cache, not "
+                "the SAE: check the hooked model's dtype (float16 overflows; try a float32 model or autocast_lm=False) "
+                "and the cached activations. Resuming from a checkpoint replays the same batch."
+            )
+        values = ", ".join(f"{name}={float(value):.4g}" for name, value in losses.items())
+        bad_weights = [name for name, param in self.named_parameters() if not torch.isfinite(param).all()]
+        weights = f"non-finite parameters: {bad_weights}" if bad_weights else "all parameters are finite"
+        return FloatingPointError(
+            f"{step}: the loss is not finite ({values}) although the input activations are finite (largest |x| = "
+            f"{float(sae_in.abs().max()):.4g}; {weights}). {untouched} If |x| is that large, its squared error "
+            f"overflows {sae_in.dtype}: set normalize_activations='expected_average_only_in'. If parameters are "
+            "non-finite, resume from an earlier checkpoint with a lower lr."
+        )
+
+    def _track_router_collapse(self, encoding: RoutedEncoding) -> None:
+        """Count consecutive steps where one expert takes more than router_collapse_fraction of the tokens.
+
+        One batch can be lopsided by chance; a streak of router_collapse_window steps means the load balancing lost,
+        so it warns (once per SAE). The streak counts steps, not logging steps, so it runs every step.
+        """
+        cfg = self.cfg
+        if cfg.n_active_experts / cfg.n_experts >= cfg.router_collapse_fraction:
+            return
+        share = self._max_expert_token_share(encoding)
+        self.collapse_streak = self.collapse_streak + 1 if share > cfg.router_collapse_fraction else 0
+        if self.collapse_streak >= cfg.router_collapse_window and not self._warned_collapse:
+            self._warned_collapse = True
+            warnings.warn(
+                f"Router collapse: for {self.collapse_streak} consecutive training steps one expert took more than "
+                f"router_collapse_fraction={cfg.router_collapse_fraction} of the tokens (last step: {share:.1%}; "
+                f"balanced is {cfg.n_active_experts / cfg.n_experts:.1%}). The other experts' latents are starving. "
+                f"Raise load_balance_coefficient (now {cfg.load_balance_coefficient}) or lower the learning rate; "
+                "watch metrics/routing/max_expert_token_share.",
+                RuntimeWarning,
+                stacklevel=3,  # the trainer's call of training_forward_pass
+            )
+
+    def _max_expert_token_share(self, encoding: RoutedEncoding) -> float:
+        """Largest fraction of the batch's tokens routed to one expert (each token counts once per expert)."""
+        return expert_fractions(encoding.routing, self.cfg.n_experts).max().item() * self.cfg.n_active_experts
 
     @torch.no_grad()
     def _routing_metrics(self, encoding: RoutedEncoding) -> dict[str, Tensor | float]:
@@ -401,7 +614,10 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
         metrics: dict[str, Tensor | float] = {
             "routing/expert_usage_entropy": entropy / math.log(self.cfg.n_experts) if self.cfg.n_experts > 1 else 1.0,
             "routing/max_expert_fraction": fractions.max(),
+            "routing/max_expert_token_share": fractions.max() * self.cfg.n_active_experts,
             "routing/load_balance": load_balance_loss(encoding.routing),
+            "routing/collapse_streak": float(self.collapse_streak),
+            "routing/collapse_warning": float(self.collapse_streak >= self.cfg.router_collapse_window),
         }
         omega = self._omega()
         if omega is not None:

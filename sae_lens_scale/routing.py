@@ -35,7 +35,17 @@ class RoutedEncoding(NamedTuple):
 
 
 def router_probs(sae_in: Tensor, W_router: Tensor, b_router: Tensor) -> Tensor:
-    """Softmax router on the input centred by its own bias, untied from b_dec: ``[batch, n_experts]``."""
+    """Softmax router on the input centred by its own bias, untied from b_dec: ``[batch, n_experts]``.
+
+    Under autocast the router still runs in its parameters' dtype: Switch Transformer's "selective precision"
+    (Fedus et al. 2021, section 2.4). bf16 logits round the softmax to ~3 significant digits, which decides near-tied
+    top-e choices at random and makes the load-balancing loss noisy; the router is only d_in x n_experts, so full
+    precision costs nothing next to the experts' matmul.
+    """
+    device_type = sae_in.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return router_probs(sae_in.to(W_router.dtype), W_router, b_router)
     return torch.softmax((sae_in - b_router) @ W_router, dim=-1)
 
 
