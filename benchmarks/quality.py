@@ -1,0 +1,382 @@
+"""Quality at matched width and matched FLOPs, on real activations: do the Scale SAE paper's claims hold?
+
+The paper compares its 24576-latent Scale SAE with 768-latent baselines (DESIGN.md section 5). Here every SAE sees the
+same cached activations of the bundled SmolLM2-135M-Instruct, in the same order, for the same number of tokens, with
+SAELens's own ``SAETrainer`` and one lr schedule:
+
+- SAELens TopK at the same total width, and at each routed SAE's FLOPs-matched width (equal encoder FLOPs per token);
+- Switch with 16 and 32 experts;
+- Scale with 32 experts and e = 2, 4, 8, each with and without Feature Scaling.
+
+Evaluated on held-out Shakespeare (in-domain) and the Python documentation (cross-domain): per-token SSE, FVU, SAELens
+``run_evals`` CE loss score, dead latents, redundancy and activation similarity, plus training time and FLOPs.
+
+Layer: ``blocks.6.hook_resid_post`` of SmolLM2's 30 blocks. Harvesting costs one forward through every block up to
+the hook, so an early layer keeps the full benchmark inside its time budget on a 2-core CPU; deeper layers of this
+model also carry massive-activation dimensions (values near 23,000 from block 11 on) that dominate any MSE.
+
+    python benchmarks/quality.py --quick    # at most 10 minutes
+    python benchmarks/quality.py            # the full comparison (about an hour on 2 cores)
+"""
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from sae_lens import LoggingConfig
+from sae_lens.config import SAETrainerConfig
+from sae_lens.evals import EvalConfig, run_evals
+from sae_lens.saes.sae import SAE, SAEMetadata, TrainingSAE
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.training.activation_scaler import ActivationScaler
+from sae_lens.training.activations_store import ActivationsStore
+from sae_lens.training.sae_trainer import SAETrainer
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from sae_lens_scale import ScaleTrainingSAE, ScaleTrainingSAEConfig, SwitchTrainingSAE, SwitchTrainingSAEConfig, metrics
+from sae_lens_scale.flops import flops_matched_topk_width, routed_flops, topk_flops
+from sae_lens_scale.offline import default_cache_dir
+from sae_lens_scale.sources import BUNDLED_MODEL, hook_activations, load_model, token_splits
+
+RESULTS = Path(__file__).parent / "results"
+IN_DOMAIN, CROSS_DOMAIN = "shakespeare", "python-docs"
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    train_tokens: int
+    heldout_tokens: int
+    d_sae: int
+    k: int
+    seeds: tuple[int, ...]
+    ce_batches: int
+    hook: str = "blocks.6.hook_resid_post"
+    context_size: int = 128
+    batch: int = 1024
+    lr: float = 1e-3
+    n_experts_scale: int = 32
+
+
+QUICK = QualityConfig(train_tokens=147_456, heldout_tokens=8192, d_sae=2304, k=32, seeds=(0,), ce_batches=1)
+FULL = QualityConfig(train_tokens=1_228_800, heldout_tokens=16_384, d_sae=4608, k=32, seeds=(0, 1), ce_batches=4)
+HEADLINE = (
+    "Scale 32/e=2",
+    "Scale 32/e=2 no FS",
+    "Switch 32",
+    "TopK (width-matched)",
+    "TopK (FLOPs-matched to Scale 32/e=2)",
+)
+
+
+class Contender(NamedTuple):
+    name: str
+    family: str  # topk | switch | scale
+    make: Callable[[], TrainingSAE[Any]]
+    encoder_flops: int
+
+
+def contenders(cfg: QualityConfig, d_in: int) -> list[Contender]:
+    M, k = cfg.d_sae, cfg.k
+
+    def topk(width: int) -> Callable[[], TrainingSAE[Any]]:
+        return lambda: TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k))
+
+    routed: list[tuple[str, str, Callable[[], TrainingSAE[Any]], int, int]] = []
+    for n in (16, 32):
+        make = lambda n=n: SwitchTrainingSAE(SwitchTrainingSAEConfig(d_in=d_in, d_sae=M, n_experts=n, k=k))  # noqa: E731
+        routed.append((f"Switch {n}", "switch", make, n, 1))
+    n = cfg.n_experts_scale
+    for e in (2, 4, 8):
+        for scaling, suffix in (("mean", ""), ("none", " no FS")):
+            make = lambda e=e, scaling=scaling: ScaleTrainingSAE(  # noqa: E731
+                ScaleTrainingSAEConfig(
+                    d_in=d_in, d_sae=M, n_experts=n, n_active_experts=e, k=k, feature_scaling=scaling
+                )
+            )
+            routed.append((f"Scale {n}/e={e}{suffix}", "scale", make, n, e))
+    rows = [Contender("TopK (width-matched)", "topk", topk(M), topk_flops(d_in, M, k).encoder)]
+    matched_widths: dict[int, str] = {}
+    for name, _, _, n_experts, n_active in routed:
+        width = flops_matched_topk_width(M, n_experts, n_active)
+        matched_widths.setdefault(width, name.removesuffix(" no FS"))
+    rows += [
+        Contender(f"TopK (FLOPs-matched to {name})", "topk", topk(width), topk_flops(d_in, width, k).encoder)
+        for width, name in matched_widths.items()
+    ]
+    rows += [
+        Contender(name, family, make, routed_flops(d_in, M, n_experts, n_active, k).encoder)
+        for name, family, make, n_experts, n_active in routed
+    ]
+    return rows
+
+
+def cached_activations(cfg: QualityConfig, quick: bool) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
+    """Harvest once, store fp16 on disk: in-domain train / held-out and cross-domain held-out activations."""
+    model, tokenizer = load_model(BUNDLED_MODEL)
+    cache = (
+        default_cache_dir() / "quality" / f"{'quick' if quick else 'full'}-{cfg.hook}-{cfg.train_tokens}.safetensors"
+    )
+    in_domain = token_splits(tokenizer, IN_DOMAIN, cfg.context_size, 0.1, seed=0, max_tokens=cfg.train_tokens)
+    cross = token_splits(tokenizer, CROSS_DOMAIN, cfg.context_size, 0.5, seed=0, max_tokens=cfg.heldout_tokens)
+    heldout_rows = cfg.heldout_tokens // cfg.context_size
+    datasets = {
+        "train": in_domain.train,
+        "heldout": in_domain.heldout.select(range(heldout_rows)),
+        "cross": cross.heldout.select(range(heldout_rows)),
+    }
+    if not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        harvested = {}
+        for split, rows in datasets.items():
+            chunks = [
+                hook_activations(model, rows.select(range(start, min(start + 32, len(rows)))), cfg.hook).half()
+                for start in tqdm(range(0, len(rows), 32), desc=f"harvest {split}")
+            ]
+            harvested[split] = torch.cat(chunks)
+        save_file(harvested, str(cache))
+    return load_file(str(cache)), model, datasets
+
+
+def batches(train: torch.Tensor, batch: int, scale: float, seed: int) -> Iterator[torch.Tensor]:
+    """The one token stream every SAE sees: a fixed permutation, cycled, in float32, scaled to norm sqrt(d_in)."""
+    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
+    while True:
+        for start in range(0, len(order) - batch + 1, batch):
+            yield train[order[start : start + batch]].float() * scale
+
+
+def train_sae(sae: TrainingSAE[Any], train: torch.Tensor, cfg: QualityConfig, scale: float) -> float:
+    steps = cfg.train_tokens // cfg.batch
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * cfg.batch,
+        train_batch_size_samples=cfg.batch,
+        lr=cfg.lr,
+        lr_end=cfg.lr / 10,
+        lr_warm_up_steps=steps // 20,
+        lr_decay_steps=steps // 5,
+        dead_feature_window=max(1, steps // 4),
+        feature_sampling_window=max(1, steps // 2),
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    started = time.perf_counter()
+    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches(train, cfg.batch, scale, seed=0)).fit()
+    return time.perf_counter() - started
+
+
+@torch.no_grad()
+def reconstruction(sae: SAE[Any], acts: torch.Tensor) -> dict[str, float]:
+    """Per-token SSE and FVU (1 - explained variance) on raw activations, plus latents that never fired."""
+    acts = acts.float()
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    sse = 0.0
+    for chunk in acts.split(4096):
+        feature_acts = sae.encode(chunk)
+        fired |= (feature_acts != 0).any(0)
+        sse += (sae.decode(feature_acts) - chunk).pow(2).sum().item()
+    variance = (acts - acts.mean(0)).pow(2).sum().item()
+    return {"sse_per_token": sse / acts.shape[0], "fvu": sse / variance, "dead_latents": int((~fired).sum())}
+
+
+def ce_loss_score(sae: SAE[Any], model: Any, rows: Any, cfg: QualityConfig) -> float:
+    """SAELens ``run_evals``'s CE loss score (loss recovered against zero ablation) on the given token rows."""
+    store = ActivationsStore.from_sae(
+        model, sae, rows, context_size=cfg.context_size, streaming=False, sequence_separator_token=None
+    )
+    eval_cfg = EvalConfig(batch_size_prompts=8, n_eval_reconstruction_batches=cfg.ce_batches, compute_ce_loss=True)
+    scalars, _ = run_evals(sae, store, model, ActivationScaler(), eval_cfg, exclude_special_tokens=False)
+    return scalars["model_performance_preservation"]["ce_loss_score"]
+
+
+def evaluate(
+    sae: TrainingSAE[Any], scale: float, acts: dict[str, torch.Tensor], model: Any, datasets: Any, cfg: QualityConfig
+) -> dict[str, Any]:
+    omega = sae.omega.detach().tolist() if getattr(sae, "omega", None) is not None else None
+    sae.fold_activation_norm_scaling_factor(scale)
+    sae.cfg.metadata = SAEMetadata(
+        model_name=BUNDLED_MODEL, hook_name=cfg.hook, context_size=cfg.context_size, prepend_bos=False
+    )
+    sae.eval()
+    heldout = acts["heldout"].float()
+    row: dict[str, Any] = {
+        "in_domain": reconstruction(sae, heldout),
+        "cross_domain": reconstruction(sae, acts["cross"]),
+        "redundancy_0_9": metrics.feature_redundancy(sae).fraction_above[0.9],
+        "activation_similarity": metrics.activation_similarity(sae, heldout[:4096]).similarity,
+        "omega": omega,
+    }
+    row["in_domain"]["ce_loss_score"] = ce_loss_score(sae, model, datasets["heldout"], cfg)
+    row["cross_domain"]["ce_loss_score"] = ce_loss_score(sae, model, datasets["cross"], cfg)
+    return row
+
+
+def activation_cache(cfg: QualityConfig) -> Path:
+    return default_cache_dir() / "quality" / f"{cfg.hook}-{cfg.train_tokens}-{cfg.heldout_tokens}.safetensors"
+
+
+def run(cfg: QualityConfig, cache: Path, names: set[str] | None = None) -> dict[str, Any]:
+    """Train and evaluate every contender (or those in ``names``) and return the JSON-ready result."""
+    acts, model, datasets = cached_activations(cfg, cache)
+    train = acts["train"]
+    d_in = train.shape[1]
+    scale = d_in**0.5 / train[:20_000].float().norm(dim=-1).mean().item()  # SAELens's expected_average_only_in
+    rows = []
+    chosen = [c for c in contenders(cfg, d_in) if names is None or c.name in names]
+    for contender in tqdm(chosen, desc="SAEs"):
+        seeds = cfg.seeds if contender.name in HEADLINE else cfg.seeds[:1]
+        for seed in seeds:
+            torch.manual_seed(seed)
+            sae = contender.make()
+            seconds = train_sae(sae, train, cfg, scale)
+            rows.append(
+                {
+                    "name": contender.name,
+                    "family": contender.family,
+                    "seed": seed,
+                    "d_sae": sae.cfg.d_sae,
+                    "encoder_flops_per_token": contender.encoder_flops,
+                    "train_seconds": seconds,
+                    **evaluate(sae, scale, acts, model, datasets, cfg),
+                }
+            )
+    return {
+        "config": asdict(cfg),
+        "d_in": d_in,
+        "activation_scale": scale,
+        "tokens": {split: tensor.shape[0] for split, tensor in acts.items()},
+        "rows": rows,
+    }
+
+
+def _mean(group: list[dict[str, Any]], value: Callable[[dict[str, Any]], float]) -> float:
+    return sum(value(row) for row in group) / len(group)
+
+
+def mean_over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per SAE: the mean over seeds, with the spread (max - min) of the in-domain FVU."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["name"], []).append(row)
+    summary = []
+    for name, group in groups.items():
+        fvus = [row["in_domain"]["fvu"] for row in group]
+        first = group[0]
+        summary.append(
+            {
+                "name": name,
+                "family": first["family"],
+                "seeds": len(group),
+                "d_sae": first["d_sae"],
+                "encoder_flops_per_token": first["encoder_flops_per_token"],
+                "fvu": _mean(group, lambda r: r["in_domain"]["fvu"]),
+                "fvu_spread": max(fvus) - min(fvus),
+                "sse": _mean(group, lambda r: r["in_domain"]["sse_per_token"]),
+                "cross_fvu": _mean(group, lambda r: r["cross_domain"]["fvu"]),
+                "ce_score": _mean(group, lambda r: r["in_domain"]["ce_loss_score"]),
+                "cross_ce_score": _mean(group, lambda r: r["cross_domain"]["ce_loss_score"]),
+                "dead": _mean(group, lambda r: r["in_domain"]["dead_latents"]),
+                "redundancy": _mean(group, lambda r: r["redundancy_0_9"]),
+                "similarity": _mean(group, lambda r: r["activation_similarity"]),
+                "train_seconds": _mean(group, lambda r: r["train_seconds"]),
+                "omega_mean": _mean(group, lambda r: sum(r["omega"]) / len(r["omega"])) if first["omega"] else None,
+            }
+        )
+    return summary
+
+
+def markdown(result: dict[str, Any], summary: list[dict[str, Any]]) -> str:
+    cfg = result["config"]
+    lines = [
+        "# SAE quality at matched width and matched FLOPs (CPU)",
+        "",
+        f"SmolLM2-135M-Instruct `{cfg['hook']}` (d_in={result['d_in']}), {result['tokens']['train']} training tokens "
+        f"(Shakespeare), the same order for every SAE; k={cfg['k']}, total width {cfg['d_sae']}. Held-out: "
+        f"{result['tokens']['heldout']} tokens of unseen plays (in-domain) and {result['tokens']['cross']} of the "
+        "Python docs (cross-domain). FVU = 1 - explained variance. CE = SAELens `run_evals` CE loss score (loss "
+        "recovered). Dead = latents never active on the in-domain held-out tokens. Redundancy = fraction of latents "
+        "with max decoder cosine > 0.9. ± = max - min over seeds.",
+        "",
+        "| SAE | width | enc. MFLOP/tok | FVU | cross FVU | SSE/tok | CE | cross CE | dead | redundancy | act. sim. "
+        "| mean ω | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in summary:
+        spread = f" ± {row['fvu_spread']:.4f}" if row["seeds"] > 1 else ""
+        omega = f"{row['omega_mean']:.3f}" if row["omega_mean"] is not None else ""
+        lines.append(
+            f"| {row['name']} | {row['d_sae']} | {row['encoder_flops_per_token'] / 1e6:.2f} | {row['fvu']:.4f}{spread} "
+            f"| {row['cross_fvu']:.4f} | {row['sse']:.1f} | {row['ce_score']:.3f} | {row['cross_ce_score']:.3f} "
+            f"| {row['dead']:.0f} | {row['redundancy']:.4f} | {row['similarity']:.4f} | {omega} "
+            f"| {row['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plots(summary: list[dict[str, Any]], stem: str) -> list[Path]:
+    from matplotlib.figure import Figure
+
+    colours = {"topk": "tab:gray", "switch": "tab:orange", "scale": "tab:blue"}
+    frontier = Figure(figsize=(7, 4.5))
+    axes = frontier.subplots()
+    for row in summary:
+        axes.scatter(
+            row["encoder_flops_per_token"] / 1e6,
+            row["fvu"],
+            color=colours[row["family"]],
+            marker="o" if "no FS" not in row["name"] else "x",
+        )
+        axes.annotate(
+            row["name"],
+            (row["encoder_flops_per_token"] / 1e6, row["fvu"]),
+            fontsize=6,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    axes.set(
+        xscale="log",
+        xlabel="encoder MFLOP per token",
+        ylabel="held-out FVU (lower is better)",
+        title="Reconstruction against encoder cost",
+    )
+    frontier.tight_layout()
+    frontier_path = RESULTS / f"{stem}-frontier.png"
+    frontier.savefig(frontier_path, dpi=120)
+
+    bars = Figure(figsize=(7, 4.5))
+    axes = bars.subplots()
+    names = [row["name"] for row in summary]
+    axes.barh(names, [row["redundancy"] for row in summary], color=[colours[row["family"]] for row in summary])
+    axes.set(xlabel="fraction of latents with max decoder cosine > 0.9", title="Feature redundancy")
+    axes.invert_yaxis()
+    bars.tight_layout()
+    bars_path = RESULTS / f"{stem}-redundancy.png"
+    bars.savefig(bars_path, dpi=120)
+    return [frontier_path, bars_path]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smaller comparison that finishes in 10 minutes")
+    args = parser.parse_args()
+    cfg = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    result = run(cfg, activation_cache(cfg))
+    summary = mean_over_seeds(result["rows"])
+    result["summary"] = summary
+    result["wall_seconds"] = time.perf_counter() - started
+    stem = "quality-cpu-quick" if args.quick else "quality-cpu"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result["plots"] = [str(path.relative_to(RESULTS.parent.parent)) for path in plots(summary, stem)]
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(result, summary))
+    print(markdown(result, summary))
+    print(f"wall time {result['wall_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
