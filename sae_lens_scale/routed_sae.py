@@ -7,8 +7,9 @@ Conventions (DESIGN.md section 2):
 - The parameters stay in SAELens's flat layout so its trainer, evals and weight metrics work unchanged: W_enc
   [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], plus W_router [d_in, n_experts] and b_router [d_in].
 - Feature activations are gated, ``a = p_expert * ReLU(f)``, so decoding stays linear: ``x_hat = a @ W_dec + b_dec``.
-- Training uses decoder rows at unit norm by reparametrisation (``W_dec / ||W_dec||``); export folds the norms and
-  Feature Scaling away, so the inference classes hold plain weights and reproduce the training outputs.
+- Decoding uses decoder rows at unit norm by reparametrisation (``W_dec / ||W_dec||``, ``normalize_decoder_rows``),
+  in training and inference alike; export folds the norms and Feature Scaling away, so the inference classes hold
+  plain weights (unit rows) and reproduce the training outputs.
 """
 
 import inspect
@@ -64,10 +65,15 @@ class RoutedSAEConfig(SAEConfig):
     Args:
         n_experts: number of experts; the d_sae latents are split into contiguous blocks of d_sae / n_experts.
         k: number of active latents per token after the global top-k.
+        normalize_decoder_rows: decode with ``W_dec / ||W_dec||`` row-wise. Exports have unit rows, so it changes
+            nothing for them, but it makes a training checkpoint loaded as an inference SAE decode exactly as it
+            trained, and it makes ``fold_W_dec_norm`` exact. False after a whitening fold, whose decoder rows are not
+            unit norm by design.
     """
 
     n_experts: int = 32
     k: int = 32
+    normalize_decoder_rows: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,8 +117,6 @@ class RoutedTrainingSAEConfig(TrainingSAEConfig):
         if not 0 < self.router_collapse_fraction <= 1:
             _fail(self, "router_collapse_fraction", "must be in (0, 1]: it is a fraction of the batch's tokens")
         _require_int(self, "router_collapse_window", minimum=1)
-        if not isinstance(self.normalize_decoder_rows, bool):
-            _fail(self, "normalize_decoder_rows", "must be True or False")
         if self.feature_scaling not in FEATURE_SCALING_MODES:
             _fail(self, "feature_scaling", f"must be one of {FEATURE_SCALING_MODES}")
         if self.aux_loss_coefficient > 0 and self.normalize_activations in ("constant_norm_rescale", "layer_norm"):
@@ -131,6 +135,8 @@ def validate_routed_config(cfg: RoutedSAEConfig | RoutedTrainingSAEConfig) -> No
     _require_int(cfg, "n_experts", minimum=1)
     _require_int(cfg, "n_active_experts", minimum=1)
     _require_int(cfg, "k", minimum=1)
+    if not isinstance(cfg.normalize_decoder_rows, bool):
+        _fail(cfg, "normalize_decoder_rows", "must be True or False")
     if cfg.d_sae % cfg.n_experts:
         lower = cfg.d_sae - cfg.d_sae % cfg.n_experts
         _fail(
@@ -360,8 +366,21 @@ class _RoutedMixin:
         acts = dense_acts(encoding.code, self.cfg.d_sae).view(*leading, self.cfg.d_sae)
         return self.hook_sae_acts_post(acts), encoding.candidates.view(*leading, -1)
 
+    def decoder_row_norms(self) -> Tensor | None:
+        """Row norms the decode divides by, or None when the decoder is used as stored."""
+        return row_norms(self.W_dec) if self.cfg.normalize_decoder_rows else None
+
+    def effective_W_dec(self) -> Tensor:
+        norms = self.decoder_row_norms()
+        return self.W_dec if norms is None else self.W_dec / norms.unsqueeze(-1)
+
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        sae_out = self.hook_sae_recons(feature_acts @ self.effective_W_dec() + self.b_dec)
+        sae_out = self.run_time_activation_norm_fn_out(sae_out)
+        return self.reshape_fn_out(sae_out, self.d_head)
+
     @torch.no_grad()
-    def _fold_router_scaling(self, scaling_factor: float) -> None:
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
         """Fold SAELens's input scaling ``x * s`` so the SAE takes raw x and returns raw reconstructions.
 
         Every pre-activation is linear in the centred input, so dividing the biases by s divides the
@@ -375,23 +394,37 @@ class _RoutedMixin:
         self.cfg.normalize_activations = "none"
 
     @torch.no_grad()
-    def _fold_router_whitening(self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor) -> None:
-        """The router sees ``(x - mean) @ M - b_router``, which is ``x - (mean + b_router @ M^-1)`` times M."""
+    def fold_activation_whitening(self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor) -> None:
+        """Fold a whitening exactly: decoder norms first, then the router and SAELens's affine maps.
+
+        Unwhitening gives the decoder rows non-unit norms that must be kept, so the decode stops normalising them
+        (``normalize_decoder_rows=False``), as SAELens's TopK does with ``rescale_acts_by_decoder_norm``. The router
+        sees ``(x - mean) @ M - b_router``, which is ``x - (mean + b_router @ M^-1)`` times M.
+        """
+        self.fold_W_dec_norm()
+        self.cfg.normalize_decoder_rows = False
         dtype = torch.promote_types(self.W_router.dtype, whitening_matrix.dtype)
-        whitening_matrix = whitening_matrix.to(self.device, dtype)
-        self.W_router.data.copy_(whitening_matrix @ self.W_router.data.to(dtype))
-        shifted = self.b_router.data.to(dtype) @ unwhitening_matrix.to(self.device, dtype) + mean.to(self.device, dtype)
-        self.b_router.data.copy_(shifted)
+        self.W_router.data.copy_(whitening_matrix.to(self.device, dtype) @ self.W_router.data.to(dtype))
+        shift = self.b_router.data.to(dtype) @ unwhitening_matrix.to(self.device, dtype) + mean.to(self.device, dtype)
+        self.b_router.data.copy_(shift)
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)  # type: ignore[misc]
 
     @torch.no_grad()
-    def _require_unit_decoder_rows(self) -> None:
-        norms = self.W_dec.norm(dim=-1)
-        worst = (norms - 1).abs().max().item()
+    def fold_W_dec_norm(self) -> None:
+        """Exact: with normalised decoding the stored row norms do not affect outputs, so they are set to 1.
+
+        Without it (after a whitening fold), rescaling latents would change which k win the top-k, so only a
+        decoder that already has unit rows is accepted.
+        """
+        if self.cfg.normalize_decoder_rows:
+            self.W_dec.data /= self.W_dec.data.norm(dim=-1, keepdim=True)
+            return
+        worst = (self.W_dec.norm(dim=-1) - 1).abs().max().item()
         if worst > UNIT_NORM_TOLERANCE:
             raise NotImplementedError(
-                f"fold_W_dec_norm on a {self.cfg.architecture()!r} SAE needs unit-norm W_dec rows (max |norm - 1| is "
-                f"{worst:.3g}): rescaling latents would change which k win the top-k, so the fold could not be exact. "
-                "Exported scale/switch SAEs already have unit rows; this one was changed after export."
+                f"fold_W_dec_norm on a {self.cfg.architecture()!r} SAE with normalize_decoder_rows=False needs "
+                f"unit-norm W_dec rows (max |norm - 1| is {worst:.3g}): rescaling latents would change which k win "
+                "the top-k, so the fold could not be exact."
             )
 
 
@@ -401,7 +434,7 @@ def _hooked(hook: HookPoint, flat: Tensor, leading: torch.Size) -> Tensor:
 
 
 class RoutedSAE(_RoutedMixin, SAE[T_ROUTED_CONFIG]):
-    """Inference SAE of a routed architecture: plain weights, linear decode, only routed experts computed."""
+    """Inference SAE of a routed architecture: plain weights, only routed experts computed, linear decode."""
 
     def __init__(self, cfg: T_ROUTED_CONFIG, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -416,27 +449,6 @@ class RoutedSAE(_RoutedMixin, SAE[T_ROUTED_CONFIG]):
     @override
     def encode(self, x: Tensor) -> Tensor:
         return self._encode_dense(x)[0]
-
-    @override
-    def decode(self, feature_acts: Tensor) -> Tensor:
-        sae_out = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
-        sae_out = self.run_time_activation_norm_fn_out(sae_out)
-        return self.reshape_fn_out(sae_out, self.d_head)
-
-    @override
-    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
-        self._fold_router_scaling(scaling_factor)
-
-    @override
-    @torch.no_grad()
-    def fold_activation_whitening(self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor) -> None:
-        self._fold_router_whitening(mean, whitening_matrix, unwhitening_matrix)
-        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
-
-    @override
-    def fold_W_dec_norm(self) -> None:
-        """Exported rows are already unit norm, so this is a no-op; any other state cannot be folded exactly."""
-        self._require_unit_decoder_rows()
 
 
 class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
@@ -468,14 +480,6 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
     def _omega(self) -> Tensor | None:
         return self.omega if self.cfg.feature_scaling == "mean" else None
 
-    def decoder_row_norms(self) -> Tensor | None:
-        """Row norms the forward divides by, or None when the decoder is used as stored."""
-        return row_norms(self.W_dec) if self.cfg.normalize_decoder_rows else None
-
-    def effective_W_dec(self) -> Tensor:
-        norms = self.decoder_row_norms()
-        return self.W_dec if norms is None else self.W_dec / norms.unsqueeze(-1)
-
     def effective_W_enc(self) -> Tensor:
         omega = self._omega()
         return self.W_enc if omega is None else feature_scaled_encoder(self.W_enc, omega)
@@ -484,12 +488,6 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
     def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Dense activations and the routed candidates' pre-activations (not a full [..., d_sae] hidden_pre)."""
         return self._encode_dense(x)
-
-    @override
-    def decode(self, feature_acts: Tensor) -> Tensor:
-        sae_out = self.hook_sae_recons(feature_acts @ self.effective_W_dec() + self.b_dec)
-        sae_out = self.run_time_activation_norm_fn_out(sae_out)
-        return self.reshape_fn_out(sae_out, self.d_head)
 
     @override
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
@@ -644,31 +642,11 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
             omega.data.zero_()
 
     @override
-    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
-        self._fold_router_scaling(scaling_factor)
-
-    @override
     @torch.no_grad()
     def fold_activation_whitening(self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor) -> None:
-        """Fold a whitening exactly: Feature Scaling and decoder norms first, then the affine maps.
-
-        Unwhitening gives the decoder rows non-unit norms that must be kept, so training stops normalising them
-        (``normalize_decoder_rows=False``), as SAELens's TopK does with ``rescale_acts_by_decoder_norm``.
-        """
+        """Feature Scaling is folded first: SAELens's b_enc shift reads the plain W_enc."""
         self.fold_feature_scaling()
-        self.fold_W_dec_norm()
-        self.cfg.normalize_decoder_rows = False
-        self._fold_router_whitening(mean, whitening_matrix, unwhitening_matrix)
         super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
-
-    @override
-    @torch.no_grad()
-    def fold_W_dec_norm(self) -> None:
-        """With the unit-norm reparametrisation the stored row norms do not affect outputs: normalise them."""
-        if self.cfg.normalize_decoder_rows:
-            self.W_dec.data /= self.W_dec.data.norm(dim=-1, keepdim=True)
-        else:
-            self._require_unit_decoder_rows()
 
     @override
     @torch.no_grad()

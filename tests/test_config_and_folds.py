@@ -176,9 +176,25 @@ def test_w_dec_norm_fold_is_exact_or_refused(tmp_path: Any) -> None:
     folded = SAE.load_from_disk(tmp_path, fold_W_dec_norm=True)
     torch.testing.assert_close(folded(x), expected, rtol=1e-12, atol=1e-12)
     with torch.no_grad():
+        inference.W_dec[3] *= 2  # normalised decoding ignores the row norm, so the fold stays exact
+    torch.testing.assert_close(inference(x), expected, rtol=1e-12, atol=1e-12)
+    inference.fold_W_dec_norm()
+    torch.testing.assert_close(inference(x), expected, rtol=1e-12, atol=1e-12)
+    inference.cfg.normalize_decoder_rows = False
+    with torch.no_grad():
         inference.W_dec[3] *= 2
     with pytest.raises(NotImplementedError, match="needs unit-norm W_dec rows"):
         inference.fold_W_dec_norm()
+
+
+@pytest.mark.parametrize("make", [scale_training, switch_training])
+def test_training_checkpoint_loaded_for_inference_decodes_as_trained(make: Any, tmp_path: Any) -> None:
+    sae = make(feature_scaling="none") if make is scale_training else make()
+    sae.save_model(tmp_path)  # a checkpoint: W_dec rows are not unit norm
+    loaded = SAE.load_from_disk(tmp_path)
+    assert not isinstance(loaded, TrainingSAE)
+    x = torch.randn(12, D_IN, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x), sae(x), rtol=1e-12, atol=1e-12)
 
 
 def test_paper_example_builds_its_config() -> None:
