@@ -20,9 +20,10 @@ from typing import Any
 
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.utils import EntryNotFoundError
+from safetensors import SafetensorError
 from sae_lens import SAE
 from sae_lens import upload_saes_to_huggingface as sae_lens_upload_saes_to_huggingface
-from sae_lens.constants import SAE_CFG_FILENAME
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.loading.pretrained_sae_loaders import get_conversion_loader_name
 from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
 from sae_lens.registry import SAE_CLASS_REGISTRY
@@ -157,11 +158,15 @@ def load_sae(
     Equivalent to ``SAE.load_from_disk(source)`` or ``SAE.from_pretrained(source, sae_id)``, with the ``scale`` and
     ``switch`` architectures registered (importing this module imports the plugin). If the saved config names an
     architecture nothing registered, it raises :class:`UnregisteredArchitectureError` naming the architecture and the
-    ones SAELens knows, where SAELens would raise a bare ``KeyError``.
+    ones SAELens knows, where SAELens would raise a bare ``KeyError``; a truncated local weights file is named too.
     """
     if sae_id is None:
         _require_registered(Path(source) / SAE_CFG_FILENAME, str(source))
-        return SAE.load_from_disk(source, device=device, dtype=dtype)
+        try:
+            return SAE.load_from_disk(source, device=device, dtype=dtype)
+        except SafetensorError as error:  # SAELens lets safetensors' header error through without the path
+            weights = Path(source) / SAE_WEIGHTS_FILENAME
+            raise ValueError(f"{weights} is truncated or corrupt ({error}); re-save or re-download it.") from error
     if get_conversion_loader_name(str(source)) == "sae_lens":  # SAELens's own layout; other loaders have no cfg.json
         repo_id, folder = get_repo_id_and_folder_name(str(source), sae_id)
         config = hf_hub_download(repo_id, f"{folder}/{SAE_CFG_FILENAME}", force_download=force_download)

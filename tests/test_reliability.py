@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer
 
 from sae_lens_scale import ScaleTrainingSAE, ScaleTrainingSAEConfig, SwitchTrainingSAE, SwitchTrainingSAEConfig
+from sae_lens_scale.hub import load_sae
 from sae_lens_scale.routed_sae import RoutedTrainingSAE
 from tests.conftest import CONTEXT, D_MODEL
 
@@ -386,7 +387,8 @@ def test_config_errors_while_loading_name_the_config_file(exported: Callable[[st
 
 
 def test_missing_and_truncated_files_are_refused(exported: Callable[[str], Path]) -> None:
-    """SAELens reads these before our code runs: a missing file is named; a truncated one is refused, unnamed."""
+    """SAELens reads these before our code runs: a missing file is named; a truncated one is refused, unnamed by
+    SAELens and named by ``sae_lens_scale.hub.load_sae``."""
     folder = exported("switch")
     missing = broken_copy(folder, "missing", lambda f: (f / WEIGHTS).unlink())
     with pytest.raises(FileNotFoundError, match=rf"missing/{WEIGHTS}"):
@@ -394,6 +396,8 @@ def test_missing_and_truncated_files_are_refused(exported: Callable[[str], Path]
     truncated = broken_copy(folder, "truncated", truncate)
     with pytest.raises(SafetensorError, match="incomplete metadata, file not fully covered"):
         SAE.load_from_disk(truncated)
+    with pytest.raises(ValueError, match=rf"truncated/{WEIGHTS} is truncated or corrupt \(.*incomplete metadata"):
+        load_sae(truncated)  # the plugin's loader names the file
 
 
 def test_resuming_into_a_different_config_names_the_checkpoint(tmp_path: Path) -> None:
