@@ -16,7 +16,7 @@ the hook, so an early layer keeps the full benchmark inside its time budget on a
 model also carry massive-activation dimensions (values near 23,000 from block 11 on) that dominate any MSE.
 
     python benchmarks/quality.py --quick    # at most 10 minutes
-    python benchmarks/quality.py            # the full comparison (about an hour on 2 cores)
+    python benchmarks/quality.py            # the full comparison (about 45 minutes on 2 cores)
 """
 
 import argparse
@@ -64,7 +64,7 @@ class QualityConfig:
 
 
 QUICK = QualityConfig(train_tokens=147_456, heldout_tokens=8192, d_sae=2304, k=32, seeds=(0,), ce_batches=1)
-FULL = QualityConfig(train_tokens=1_228_800, heldout_tokens=16_384, d_sae=4608, k=32, seeds=(0, 1), ce_batches=4)
+FULL = QualityConfig(train_tokens=819_200, heldout_tokens=16_384, d_sae=4608, k=32, seeds=(0, 1), ce_batches=2)
 HEADLINE = (
     "Scale 32/e=2",
     "Scale 32/e=2 no FS",
