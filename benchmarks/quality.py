@@ -132,13 +132,9 @@ def cached_activations(cfg: QualityConfig, quick: bool) -> tuple[dict[str, torch
     }
     if not cache.exists():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        harvested = {}
-        for split, rows in datasets.items():
-            chunks = [
-                hook_activations(model, rows.select(range(start, min(start + 32, len(rows)))), cfg.hook).half()
-                for start in tqdm(range(0, len(rows), 32), desc=f"harvest {split}")
-            ]
-            harvested[split] = torch.cat(chunks)
+        harvested = {
+            split: hook_activations(model, rows, cfg.hook, dtype=torch.float16) for split, rows in datasets.items()
+        }
         save_file(harvested, str(cache))
     return load_file(str(cache)), model, datasets
 

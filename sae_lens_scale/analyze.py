@@ -18,8 +18,6 @@ from safetensors import safe_open
 from sae_lens_scale import metrics
 from sae_lens_scale.sources import BUNDLED_MODEL, hook_activations, load_model, token_splits
 
-ACTIVATION_ROWS_PER_BATCH = 32
-
 
 @dataclass
 class AnalyzeConfig:
@@ -57,11 +55,7 @@ def heldout_activations(cfg: AnalyzeConfig, hook: str, model_name: str) -> torch
     model, tokenizer = load_model(model_name)
     splits = token_splits(tokenizer, cfg.dataset, cfg.context_size, 0.1, cfg.seed, max_tokens=cfg.tokens)
     rows = splits.heldout.select(range(min(len(splits.heldout), cfg.tokens // cfg.context_size)))
-    batches = [
-        hook_activations(model, rows.select(range(start, min(start + ACTIVATION_ROWS_PER_BATCH, len(rows)))), hook)
-        for start in range(0, len(rows), ACTIVATION_ROWS_PER_BATCH)
-    ]
-    return torch.cat(batches)
+    return hook_activations(model, rows, hook)
 
 
 def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:

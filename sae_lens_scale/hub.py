@@ -20,13 +20,13 @@ from typing import Any
 
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.utils import EntryNotFoundError
-from safetensors import SafetensorError
 from sae_lens import SAE
 from sae_lens import upload_saes_to_huggingface as sae_lens_upload_saes_to_huggingface
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.loading.pretrained_sae_loaders import get_conversion_loader_name
 from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
 from sae_lens.registry import SAE_CLASS_REGISTRY
+from safetensors import SafetensorError
 
 PACKAGE = "sae-lens-scale"
 CARD_TAG = "sae-lens-scale"

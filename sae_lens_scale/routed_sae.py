@@ -504,8 +504,13 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
         """SAELens's hook for a dense pass; the routed losses need the routing and live in ``routed_losses``."""
         return {}
 
-    def routed_losses(self, step_input: TrainStepInput, encoding: RoutedEncoding, sae_out: Tensor) -> dict[str, Tensor]:
-        """Load balancing (times d_in, to match the per-token-sum MSE) and AuxK over the computed candidates."""
+    def routed_losses(
+        self, step_input: TrainStepInput, encoding: RoutedEncoding, sae_out: Tensor, decoder_row_norms: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Load balancing (times d_in, to match the per-token-sum MSE) and AuxK over the computed candidates.
+
+        ``decoder_row_norms`` are the main decode's, so the step computes (and backpropagates) them once.
+        """
         losses = {
             "load_balance_loss": self.cfg.load_balance_coefficient * self.cfg.d_in * load_balance_loss(encoding.routing)
         }
@@ -516,9 +521,7 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
             return losses
         k_aux = self.cfg.d_in // 2
         residual = (step_input.sae_in - sae_out).detach()
-        aux_recons = sparse_decode(
-            auxk_code(encoding, dead, min(k_aux, num_dead)), self.W_dec, self.decoder_row_norms()
-        )
+        aux_recons = sparse_decode(auxk_code(encoding, dead, min(k_aux, num_dead)), self.W_dec, decoder_row_norms)
         scale = min(num_dead / k_aux, 1.0)
         aux_loss = (aux_recons - residual).pow(2).sum(dim=-1).mean()
         losses["auxiliary_reconstruction_loss"] = self.cfg.aux_loss_coefficient * scale * aux_loss
@@ -535,10 +538,11 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
         """
         encoding = self.encode_routed(step_input.sae_in)
         feature_acts = self.hook_sae_acts_post(sparse_acts(encoding.code, self.cfg.d_sae))
-        decoded = sparse_decode(encoding.code, self.W_dec, self.decoder_row_norms()) + self.b_dec
+        norms = self.decoder_row_norms()
+        decoded = sparse_decode(encoding.code, self.W_dec, norms) + self.b_dec
         sae_out = self.run_time_activation_norm_fn_out(self.hook_sae_recons(decoded))
         mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
-        losses = {"mse_loss": mse_loss, **self.routed_losses(step_input, encoding, sae_out)}
+        losses = {"mse_loss": mse_loss, **self.routed_losses(step_input, encoding, sae_out, norms)}
         loss = torch.stack(list(losses.values())).sum()
         if not torch.isfinite(loss):
             raise self._non_finite_loss_error(step_input, losses)

@@ -6,6 +6,7 @@ latents. Only the experts a token is routed to are ever multiplied: that is the 
 and the reason a routed SAE trains an order of magnitude faster than a dense one of the same width.
 """
 
+import itertools
 from typing import Any, NamedTuple
 
 import torch
@@ -118,8 +119,7 @@ def _expert_blocks(W: Tensor, n_experts: int) -> Tensor:
 
 
 def _expert_row_slices(counts: list[int]) -> list[slice]:
-    ends = torch.tensor(counts).cumsum(0).tolist()
-    return [slice(end - count, end) for count, end in zip(counts, ends, strict=True)]
+    return [slice(end - count, end) for count, end in zip(counts, itertools.accumulate(counts), strict=True)]
 
 
 def routed_preactivations(

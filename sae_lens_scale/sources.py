@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset
 from sae_lens import HookedSAETransformer
 from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+from tqdm import tqdm
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_scale.offline import (
@@ -68,10 +69,18 @@ def token_splits(
 
 
 @torch.no_grad()
-def hook_activations(model: HookedRootModule, rows: Dataset, hook: str) -> torch.Tensor:
-    """``[n_rows * context, d]`` activations at ``hook``, running the model only up to the hooked block."""
-    tokens = torch.as_tensor(rows["input_ids"])
-    _, cache = model.run_with_cache(
-        tokens, names_filter=hook, stop_at_layer=extract_stop_at_layer_from_tlens_hook_name(hook)
-    )
-    return cache[hook].reshape(-1, cache[hook].shape[-1])
+def hook_activations(
+    model: HookedRootModule, rows: Dataset, hook: str, rows_per_batch: int = 32, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``[n_rows * context, d]`` activations at ``hook``, running the model only up to the hooked block.
+
+    Rows go through the model ``rows_per_batch`` at a time (bounded memory, a progress bar for long harvests), and
+    each batch is cast to ``dtype`` (e.g. float16 for a disk cache) before the next one runs.
+    """
+    stop_at_layer = extract_stop_at_layer_from_tlens_hook_name(hook)
+    batches = []
+    for start in tqdm(range(0, len(rows), rows_per_batch), desc=f"activations at {hook}", leave=False):
+        tokens = torch.as_tensor(rows[start : start + rows_per_batch]["input_ids"])
+        _, cache = model.run_with_cache(tokens, names_filter=hook, stop_at_layer=stop_at_layer)
+        batches.append(cache[hook].reshape(-1, cache[hook].shape[-1]).to(dtype or cache[hook].dtype))
+    return torch.cat(batches)
