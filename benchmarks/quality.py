@@ -23,7 +23,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -61,10 +61,14 @@ class QualityConfig:
     batch: int = 1024
     lr: float = 1e-3
     n_experts_scale: int = 32
+    epochs: int = 1  # passes over the cached training tokens, in the same order each time
 
 
 QUICK = QualityConfig(train_tokens=147_456, heldout_tokens=8192, d_sae=2304, k=32, seeds=(0,), ce_batches=1)
 FULL = QualityConfig(train_tokens=819_200, heldout_tokens=16_384, d_sae=4608, k=32, seeds=(0, 1), ce_batches=2)
+# Does the routed SAEs' gap close with more steps? The Scale e=2 group, four passes over the full run's tokens.
+LONGER = replace(FULL, seeds=(0,), epochs=4)
+LONGER_NAMES = {"Scale 32/e=2", "Scale 32/e=2 no FS", "Switch 16", "TopK (FLOPs-matched to Scale 32/e=2)"}
 HEADLINE = (
     "Scale 32/e=2",
     "Scale 32/e=2 no FS",
@@ -89,12 +93,12 @@ def contenders(cfg: QualityConfig, d_in: int) -> list[Contender]:
 
     routed: list[tuple[str, str, Callable[[], TrainingSAE[Any]], int, int]] = []
     for n in (16, 32):
-        make = lambda n=n: SwitchTrainingSAE(SwitchTrainingSAEConfig(d_in=d_in, d_sae=M, n_experts=n, k=k))  # noqa: E731
+        make = lambda n=n: SwitchTrainingSAE(SwitchTrainingSAEConfig(d_in=d_in, d_sae=M, n_experts=n, k=k))
         routed.append((f"Switch {n}", "switch", make, n, 1))
     n = cfg.n_experts_scale
     for e in (2, 4, 8):
         for scaling, suffix in (("mean", ""), ("none", " no FS")):
-            make = lambda e=e, scaling=scaling: ScaleTrainingSAE(  # noqa: E731
+            make = lambda e=e, scaling=scaling: ScaleTrainingSAE(
                 ScaleTrainingSAEConfig(
                     d_in=d_in, d_sae=M, n_experts=n, n_active_experts=e, k=k, feature_scaling=scaling
                 )
@@ -116,12 +120,9 @@ def contenders(cfg: QualityConfig, d_in: int) -> list[Contender]:
     return rows
 
 
-def cached_activations(cfg: QualityConfig, quick: bool) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
-    """Harvest once, store fp16 on disk: in-domain train / held-out and cross-domain held-out activations."""
+def cached_activations(cfg: QualityConfig, cache: Path) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
+    """Harvest once, store fp16 at ``cache``: in-domain train / held-out and cross-domain held-out activations."""
     model, tokenizer = load_model(BUNDLED_MODEL)
-    cache = (
-        default_cache_dir() / "quality" / f"{'quick' if quick else 'full'}-{cfg.hook}-{cfg.train_tokens}.safetensors"
-    )
     in_domain = token_splits(tokenizer, IN_DOMAIN, cfg.context_size, 0.1, seed=0, max_tokens=cfg.train_tokens)
     cross = token_splits(tokenizer, CROSS_DOMAIN, cfg.context_size, 0.5, seed=0, max_tokens=cfg.heldout_tokens)
     heldout_rows = cfg.heldout_tokens // cfg.context_size
@@ -148,7 +149,7 @@ def batches(train: torch.Tensor, batch: int, scale: float, seed: int) -> Iterato
 
 
 def train_sae(sae: TrainingSAE[Any], train: torch.Tensor, cfg: QualityConfig, scale: float) -> float:
-    steps = cfg.train_tokens // cfg.batch
+    steps = cfg.train_tokens * cfg.epochs // cfg.batch
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * cfg.batch,
         train_batch_size_samples=cfg.batch,
@@ -287,18 +288,24 @@ def mean_over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(result: dict[str, Any], summary: list[dict[str, Any]]) -> str:
     cfg = result["config"]
+    passes = cfg.get("epochs", 1)
     lines = [
         "# SAE quality at matched width and matched FLOPs (CPU)",
         "",
-        f"SmolLM2-135M-Instruct `{cfg['hook']}` (d_in={result['d_in']}), {result['tokens']['train']} training tokens "
-        f"(Shakespeare), the same order for every SAE; k={cfg['k']}, total width {cfg['d_sae']}. Held-out: "
-        f"{result['tokens']['heldout']} tokens of unseen plays (in-domain) and {result['tokens']['cross']} of the "
-        "Python docs (cross-domain). FVU = 1 - explained variance. CE = SAELens `run_evals` CE loss score (loss "
-        "recovered). Dead = latents never active on the in-domain held-out tokens. Redundancy = fraction of latents "
-        "with max decoder cosine > 0.9. ± = max - min over seeds.",
+        (
+            f"SmolLM2-135M-Instruct `{cfg['hook']}` (d_in={result['d_in']}), {result['tokens']['train']} training tokens"
+            f"{f' x {passes} passes' if passes > 1 else ''} "
+            f"(Shakespeare), the same order for every SAE; k={cfg['k']}, total width {cfg['d_sae']}. Held-out: "
+            f"{result['tokens']['heldout']} tokens of unseen plays (in-domain) and {result['tokens']['cross']} of the "
+            "Python docs (cross-domain). FVU = 1 - explained variance. CE = SAELens `run_evals` CE loss score (loss "
+            "recovered). Dead = latents never active on the in-domain held-out tokens. Redundancy = fraction of latents "
+            "with max decoder cosine > 0.9. ± = max - min over seeds."
+        ),
         "",
-        "| SAE | width | enc. MFLOP/tok | FVU | cross FVU | SSE/tok | CE | cross CE | dead | redundancy | act. sim. "
-        "| mean ω | train s |",
+        (
+            "| SAE | width | enc. MFLOP/tok | FVU | cross FVU | SSE/tok | CE | cross CE | dead | redundancy | act. sim. "
+            "| mean ω | train s |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summary:
@@ -310,35 +317,104 @@ def markdown(result: dict[str, Any], summary: list[dict[str, Any]]) -> str:
             f"| {row['dead']:.0f} | {row['redundancy']:.4f} | {row['similarity']:.4f} | {omega} "
             f"| {row['train_seconds']:.0f} |"
         )
+    if len(summary) == len(contenders(QualityConfig(**cfg), result["d_in"])):
+        lines += ["", "## The paper's claims", "", *verdict(summary, cfg["n_experts_scale"])]
     return "\n".join(lines) + "\n"
+
+
+def _relative(a: dict[str, Any], b: dict[str, Any], key: str = "fvu") -> str:
+    """``a`` against ``b`` as a signed percentage, flagged when the gap is inside the seed spread of either row."""
+    change = f"{(a[key] - b[key]) / b[key]:+.1%}"
+    spread = max(a["fvu_spread"], b["fvu_spread"]) if key == "fvu" else 0.0
+    return change + (" (within the seed spread)" if abs(a[key] - b[key]) <= spread else "")
+
+
+def verdict(summary: list[dict[str, Any]], n_experts: int) -> list[str]:
+    """One line per paper claim, each with the measured numbers; 'holds' compares seed means."""
+    rows = {row["name"]: row for row in summary}
+    scale = {e: rows[f"Scale {n_experts}/e={e}"] for e in (2, 4, 8)}
+    plain = {e: rows[f"Scale {n_experts}/e={e} no FS"] for e in (2, 4, 8)}
+    matched = {e: rows[f"TopK (FLOPs-matched to Scale {n_experts}/e={e})"] for e in (2, 4, 8)}
+    switches = [rows["Switch 16"], rows["Switch 32"]]
+    dense = rows["TopK (width-matched)"]
+
+    def holds(condition: bool) -> str:
+        return "holds" if condition else "fails"
+
+    def fvu(row: dict[str, Any]) -> str:
+        return f"{row['fvu']:.4f}" + (f" ± {row['fvu_spread']:.4f}" if row["seeds"] > 1 else "")
+
+    omegas = [scale[e]["omega_mean"] for e in (2, 4, 8)]
+    scale_redundancy = max(row["redundancy"] for row in scale.values())
+    switch_redundancy = min(row["redundancy"] for row in switches)
+    return [
+        f"1. Scale beats FLOPs-matched TopK on FVU: {holds(all(scale[e]['fvu'] < matched[e]['fvu'] for e in scale))}. "
+        + "; ".join(
+            f"e={e}: {fvu(scale[e])} vs TopK {matched[e]['d_sae']} {fvu(matched[e])}, {_relative(scale[e], matched[e])}"
+            for e in scale
+        )
+        + " (paper: -37 % at L0 = 32).",
+        (
+            f"2. Scale e=2 beats Switch at equal total and equal active width: "
+            f"{holds(all(scale[2]['fvu'] < row['fvu'] for row in switches))}. Scale {n_experts}/e=2 {fvu(scale[2])} vs "
+            f"Switch 16 (the same {switches[0]['d_sae'] // 16} active latents) {fvu(switches[0])}, "
+            f"{_relative(scale[2], switches[0])}; vs Switch 32 (the same experts) {fvu(switches[1])}, "
+            f"{_relative(scale[2], switches[1])}."
+        ),
+        f"3. Feature Scaling lowers FVU: {holds(all(scale[e]['fvu'] < plain[e]['fvu'] for e in scale))}. "
+        + "; ".join(f"e={e}: {_relative(scale[e], plain[e])}" for e in scale)
+        + " (paper: -10.9 % at e = 16). Mean ω ends "
+        + ", ".join(f"{omega:.3f}" for omega in omegas)
+        + f" for e = 2, 4, 8: positive {holds(min(omegas) > 0)}, growing with e "
+        + f"{holds(omegas == sorted(omegas))}.",
+        f"4. Scale's redundancy is below Switch's: {holds(scale_redundancy < switch_redundancy)}. "
+        "Fraction of latents with max decoder cosine > 0.9: Scale "
+        + ", ".join(f"e={e} {scale[e]['redundancy']:.4f}" for e in scale)
+        + f"; Switch 16 {switches[0]['redundancy']:.4f}, Switch 32 {switches[1]['redundancy']:.4f}; "
+        f"TopK {dense['redundancy']:.4f}. Scale e=2 against Switch 32 (the same experts): "
+        f"{_relative(scale[2], switches[1], 'redundancy')} (paper: -99 %).",
+        (
+            f"5. Width-matched, Scale {n_experts}/e=2 reaches FVU {fvu(scale[2])} against dense TopK's {fvu(dense)} "
+            f"({_relative(scale[2], dense)}) and trains {dense['train_seconds'] / scale[2]['train_seconds']:.1f}x faster "
+            f"({scale[2]['train_seconds']:.0f} s vs {dense['train_seconds']:.0f} s for the same tokens)."
+        ),
+    ]
 
 
 def plots(summary: list[dict[str, Any]], stem: str) -> list[Path]:
     from matplotlib.figure import Figure
 
     colours = {"topk": "tab:gray", "switch": "tab:orange", "scale": "tab:blue"}
-    frontier = Figure(figsize=(7, 4.5))
+    frontier = Figure(figsize=(8, 5))
     axes = frontier.subplots()
+    topk = sorted((row for row in summary if row["family"] == "topk"), key=lambda row: row["encoder_flops_per_token"])
+    axes.plot(
+        [row["encoder_flops_per_token"] / 1e6 for row in topk],
+        [row["fvu"] for row in topk],
+        color=colours["topk"],
+        linewidth=0.8,
+        label="TopK widths",
+    )
     for row in summary:
-        axes.scatter(
-            row["encoder_flops_per_token"] / 1e6,
+        flops = row["encoder_flops_per_token"] / 1e6
+        axes.errorbar(  # half the max - min seed spread either side; zero for single-seed rows
+            flops,
             row["fvu"],
+            yerr=row["fvu_spread"] / 2,
             color=colours[row["family"]],
             marker="o" if "no FS" not in row["name"] else "x",
+            capsize=2,
         )
-        axes.annotate(
-            row["name"],
-            (row["encoder_flops_per_token"] / 1e6, row["fvu"]),
-            fontsize=6,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
+        axes.annotate(row["name"], (flops, row["fvu"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     axes.set(
         xscale="log",
-        xlabel="encoder MFLOP per token",
+        xlabel="encoder MFLOP per token (x: Scale without Feature Scaling)",
         ylabel="held-out FVU (lower is better)",
         title="Reconstruction against encoder cost",
     )
+    ticks = [0.2, 0.5, 1, 2, 5]
+    axes.set_xticks(ticks, [f"{tick:g}" for tick in ticks])
+    axes.set_xticks([], minor=True)
     frontier.tight_layout()
     frontier_path = RESULTS / f"{stem}-frontier.png"
     frontier.savefig(frontier_path, dpi=120)
@@ -357,15 +433,21 @@ def plots(summary: list[dict[str, Any]], stem: str) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smaller comparison that finishes in 10 minutes")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--quick", action="store_true", help="a smaller comparison that finishes in 10 minutes")
+    budget.add_argument("--longer", action="store_true", help="the Scale e=2 group trained 4x longer (~25 minutes)")
     args = parser.parse_args()
-    cfg = QUICK if args.quick else FULL
+    cfg = QUICK if args.quick else LONGER if args.longer else FULL
     started = time.perf_counter()
-    result = run(cfg, activation_cache(cfg))
+    result = run(cfg, activation_cache(cfg), LONGER_NAMES if args.longer else None)
+    result["wall_seconds"] = time.perf_counter() - started
+    write_reports(result, "quality-cpu-quick" if args.quick else "quality-cpu-longer" if args.longer else "quality-cpu")
+
+
+def write_reports(result: dict[str, Any], stem: str) -> None:
+    """The JSON, the Markdown table (with the claims when every SAE ran) and both plots, under ``RESULTS``."""
     summary = mean_over_seeds(result["rows"])
     result["summary"] = summary
-    result["wall_seconds"] = time.perf_counter() - started
-    stem = "quality-cpu-quick" if args.quick else "quality-cpu"
     RESULTS.mkdir(parents=True, exist_ok=True)
     result["plots"] = [str(path.relative_to(RESULTS.parent.parent)) for path in plots(summary, stem)]
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -44,20 +44,76 @@ def check_summary(summary: list[dict]) -> None:
 
 def test_tiny_run_writes_a_well_formed_result(tmp_path: Path) -> None:
     quality = load_quality_module()
-    cfg = quality.QualityConfig(train_tokens=8192, heldout_tokens=1024, d_sae=1152, k=16, seeds=(0,), ce_batches=1)
-    names = {"TopK (width-matched)", "Scale 32/e=2"}
-    result = quality.run(cfg, tmp_path / "activations.safetensors", names)
+    cfg = quality.QualityConfig(train_tokens=8192, heldout_tokens=1024, d_sae=1152, k=16, seeds=(0, 1), ce_batches=1)
+    result = quality.run(cfg, tmp_path / "activations.safetensors")
     summary = quality.mean_over_seeds(result["rows"])
 
-    assert {row["name"] for row in summary} == names
+    assert [row["name"] for row in summary] == [contender.name for contender in quality.contenders(cfg, 576)]
+    assert len(result["rows"]) == len(summary) + len(quality.HEADLINE)  # the headline rows ran with both seeds
     assert result["tokens"] == {"train": 8192, "heldout": 1024, "cross": 1024}
     check_summary(summary)
-    scale = next(row for row in summary if row["name"] == "Scale 32/e=2")
-    topk = next(row for row in summary if row["name"] == "TopK (width-matched)")
+    rows = {row["name"]: row for row in summary}
+    scale, topk = rows["Scale 32/e=2"], rows["TopK (width-matched)"]
     assert scale["encoder_flops_per_token"] < topk["encoder_flops_per_token"] / 5
     assert scale["omega_mean"] is not None and topk["omega_mean"] is None
+    assert all(0 < row["fvu"] < 1 for row in summary)  # every SAE learned something from 8 steps
     json.loads(json.dumps(result))  # plain JSON types only
-    assert quality.markdown(result, summary).count("\n| ") == 1 + len(summary)  # header and one row per SAE
+    report = quality.markdown(result, summary)
+    assert report.count("\n| ") == 1 + len(summary)  # header and one row per SAE
+    assert [line[:3] for line in report.splitlines() if line[:1].isdigit()] == ["1. ", "2. ", "3. ", "4. ", "5. "]
+
+
+def synthetic_summary(fvu: dict[str, float], **overrides: dict[str, float]) -> list[dict]:
+    """Summary rows with chosen FVUs; everything else neutral unless overridden per row."""
+    rows = []
+    for name, value in fvu.items():
+        row = dict.fromkeys(ROW_KEYS, 0.0) | {"name": name, "seeds": 1, "d_sae": 4608, "fvu": value}
+        row |= {"redundancy": 0.01, "train_seconds": 10.0, "omega_mean": 0.1 if name.startswith("Scale") else None}
+        rows.append(row | overrides.get(name, {}))
+    return rows
+
+
+def test_verdict_reports_known_numbers() -> None:
+    quality = load_quality_module()
+    fvu = {"TopK (width-matched)": 0.10, "Switch 16": 0.30, "Switch 32": 0.40}
+    for e, ours in ((2, 0.20), (4, 0.18), (8, 0.16)):
+        fvu |= {
+            f"Scale 32/e={e}": ours,
+            f"Scale 32/e={e} no FS": ours * 1.25,
+            f"TopK (FLOPs-matched to Scale 32/e={e})": ours / 0.8,
+        }
+    overrides = {
+        "TopK (width-matched)": {"train_seconds": 120.0},
+        "Scale 32/e=2": {"omega_mean": 0.05, "fvu_spread": 0.01, "seeds": 2},
+        "Switch 16": {"redundancy": 0.5},
+        "Switch 32": {"redundancy": 0.3},
+        "TopK (FLOPs-matched to Scale 32/e=2)": {"fvu_spread": 0.06, "seeds": 2},
+    }
+    lines = quality.verdict(synthetic_summary(fvu, **overrides), n_experts=32)
+
+    assert lines[0].startswith("1. Scale beats FLOPs-matched TopK on FVU: holds.")
+    assert "e=2: 0.2000 ± 0.0100 vs TopK 4608 0.2500 ± 0.0600, -20.0% (within the seed spread)" in lines[0]
+    assert "e=8: 0.1600 vs TopK 4608 0.2000, -20.0% (paper: -37 % at L0 = 32)." in lines[0]
+    assert "holds. Scale 32/e=2 0.2000 ± 0.0100 vs Switch 16 (the same 288 active latents) 0.3000, -33.3%" in lines[1]
+    assert lines[2].startswith("3. Feature Scaling lowers FVU: holds. e=2: -20.0%")
+    assert "0.050, 0.100, 0.100 for e = 2, 4, 8: positive holds, growing with e holds" in lines[2]
+    assert lines[3].startswith("4. Scale's redundancy is below Switch's: holds.")
+    assert lines[3].endswith("Scale e=2 against Switch 32 (the same experts): -96.7% (paper: -99 %).")
+    assert "FVU 0.2000 ± 0.0100 against dense TopK's 0.1000 (+100.0%) and trains 12.0x faster" in lines[4]
+
+
+def test_verdict_says_when_a_claim_fails() -> None:
+    quality = load_quality_module()
+    fvu = {"TopK (width-matched)": 0.10, "Switch 16": 0.15, "Switch 32": 0.40}
+    for e in (2, 4, 8):
+        fvu |= {f"Scale 32/e={e}": 0.2, f"Scale 32/e={e} no FS": 0.19, f"TopK (FLOPs-matched to Scale 32/e={e})": 0.3}
+    overrides = {"Scale 32/e=8": {"omega_mean": -0.01}, "Switch 32": {"redundancy": 0.015}}
+    lines = quality.verdict(synthetic_summary(fvu, **overrides), n_experts=32)
+
+    assert "FLOPs-matched TopK on FVU: holds" in lines[0]
+    assert "equal active width: fails" in lines[1]
+    assert "lowers FVU: fails. e=2: +5.3%" in lines[2] and "positive fails, growing with e fails" in lines[2]
+    assert "below Switch's: fails" in lines[3]
 
 
 @pytest.mark.parametrize("stem", ["quality-cpu-quick", "quality-cpu"])
