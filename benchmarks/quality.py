@@ -16,7 +16,8 @@ the hook, so an early layer keeps the full benchmark inside its time budget on a
 model also carry massive-activation dimensions (values near 23,000 from block 11 on) that dominate any MSE.
 
     python benchmarks/quality.py --quick    # at most 10 minutes
-    python benchmarks/quality.py            # the full comparison (over an hour on 2 cores)
+    python benchmarks/quality.py            # the full comparison (43 min with cached activations, ~52 cold)
+    python benchmarks/quality.py --longer   # the Scale e=2 group trained for 4 passes over the same tokens
 """
 
 import argparse
