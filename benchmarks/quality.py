@@ -394,7 +394,6 @@ def plots(summary: list[dict[str, Any]], stem: str) -> list[Path]:
         [row["fvu"] for row in topk],
         color=colours["topk"],
         linewidth=0.8,
-        label="TopK widths",
     )
     for row in summary:
         flops = row["encoder_flops_per_token"] / 1e6
@@ -413,7 +412,8 @@ def plots(summary: list[dict[str, Any]], stem: str) -> list[Path]:
         ylabel="held-out FVU (lower is better)",
         title="Reconstruction against encoder cost",
     )
-    ticks = [0.2, 0.5, 1, 2, 5]
+    flops = [row["encoder_flops_per_token"] / 1e6 for row in summary]
+    ticks = [tick for tick in (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20) if min(flops) / 2 <= tick <= max(flops) * 2]
     axes.set_xticks(ticks, [f"{tick:g}" for tick in ticks])
     axes.set_xticks([], minor=True)
     frontier.tight_layout()
