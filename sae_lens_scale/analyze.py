@@ -11,11 +11,8 @@ from typing import Any
 
 import torch
 from sae_lens import SAE
-from sae_lens.constants import SAE_WEIGHTS_FILENAME
-from sae_lens.saes.sae import TrainingSAE
-from safetensors import safe_open
 
-from sae_lens_scale import metrics
+from sae_lens_scale import hub, metrics
 from sae_lens_scale.sources import BUNDLED_MODEL, hook_activations, load_model, token_splits
 
 
@@ -41,14 +38,11 @@ class AnalyzeConfig:
 
 def load_sae(path: str, sae_id: str | None) -> SAE[Any]:
     """A local SAELens folder (inference export or training checkpoint), else a Hub repo with ``sae_id``."""
-    folder = Path(path)
-    if folder.is_dir():
-        with safe_open(str(folder / SAE_WEIGHTS_FILENAME), framework="pt") as weights:
-            is_training_checkpoint = "omega" in weights.keys()  # noqa: SIM118 (safe_open has no __contains__)
-        return (TrainingSAE if is_training_checkpoint else SAE).load_from_disk(folder)
+    if Path(path).is_dir():
+        return hub.load_sae(path)
     if sae_id is None:
         raise ValueError(f"PATH={path!r} is not a folder; to load from the Hub, pass the repo as PATH and --sae-id ID.")
-    return SAE.from_pretrained(path, sae_id)
+    return hub.load_sae(path, sae_id)
 
 
 def heldout_activations(cfg: AnalyzeConfig, hook: str, model_name: str) -> torch.Tensor:

@@ -26,7 +26,8 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.loading.pretrained_sae_loaders import get_conversion_loader_name
 from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
 from sae_lens.registry import SAE_CLASS_REGISTRY
-from safetensors import SafetensorError
+from sae_lens.saes.sae import TrainingSAE
+from safetensors import SafetensorError, safe_open
 
 PACKAGE = "sae-lens-scale"
 CARD_TAG = "sae-lens-scale"
@@ -145,6 +146,14 @@ def _require_registered(config_path: Path, where: str) -> None:
         )
 
 
+def _holds_omega(weights: Path) -> bool:
+    """Whether a weights file is a training checkpoint with Feature Scaling: exports fold omega into W_enc."""
+    if not weights.is_file():
+        return False  # SAELens's loader names the missing file
+    with safe_open(str(weights), framework="pt") as tensors:
+        return "omega" in tensors.keys()  # noqa: SIM118 (safe_open has no __contains__)
+
+
 def load_sae(
     source: str | Path,
     sae_id: str | None = None,
@@ -159,13 +168,15 @@ def load_sae(
     ``switch`` architectures registered (importing this module imports the plugin). If the saved config names an
     architecture nothing registered, it raises :class:`UnregisteredArchitectureError` naming the architecture and the
     ones SAELens knows, where SAELens would raise a bare ``KeyError``; a truncated local weights file is named too.
+    A local training checkpoint with Feature Scaling (it still holds ``omega``) loads as a ``TrainingSAE``.
     """
     if sae_id is None:
         _require_registered(Path(source) / SAE_CFG_FILENAME, str(source))
+        weights = Path(source) / SAE_WEIGHTS_FILENAME
         try:
-            return SAE.load_from_disk(source, device=device, dtype=dtype)
+            sae_class = TrainingSAE if _holds_omega(weights) else SAE
+            return sae_class.load_from_disk(source, device=device, dtype=dtype)
         except SafetensorError as error:  # SAELens lets safetensors' header error through without the path
-            weights = Path(source) / SAE_WEIGHTS_FILENAME
             raise ValueError(f"{weights} is truncated or corrupt ({error}); re-save or re-download it.") from error
     if get_conversion_loader_name(str(source)) == "sae_lens":  # SAELens's own layout; other loaders have no cfg.json
         repo_id, folder = get_repo_id_and_folder_name(str(source), sae_id)

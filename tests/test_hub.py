@@ -396,3 +396,17 @@ def test_fake_hub_is_local_authenticated_and_bounded(tmp_path: Path) -> None:
         assert _call(hub, "GET", "/api/whoami-v2") == 404
         assert list(hub.unhandled) == [("GET", "/api/whoami-v2")]
         assert [commit.message for commit in hub.history("u/r")] == ["initial commit"]
+
+
+def test_load_sae_opens_a_feature_scaling_training_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    trained = ScaleTrainingSAE(ScaleTrainingSAEConfig(d_in=16, d_sae=64, n_experts=4, n_active_experts=2, k=8))
+    with torch.no_grad():
+        trained.omega.copy_(torch.tensor([-0.1, 0.2, 0.3, 0.5]))
+    trained.save_model(tmp_path)
+    x = torch.randn(32, 16)
+
+    loaded = load_sae(tmp_path)
+    assert isinstance(loaded, ScaleTrainingSAE)
+    assert torch.equal(loaded.omega, trained.omega)
+    assert torch.equal(loaded(x), trained(x))
