@@ -32,18 +32,21 @@ import torch
 from sae_lens import LoggingConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.evals import EvalConfig, run_evals
-from sae_lens.saes.sae import SAE, SAEMetadata, TrainingSAE
-from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.sae import SAE, SAEMetadata, TrainingSAE, TrainingSAEConfig
+from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from sae_lens_scale import ScaleTrainingSAE, ScaleTrainingSAEConfig, SwitchTrainingSAE, SwitchTrainingSAEConfig, metrics
+from sae_lens_scale import ScaleTrainingSAEConfig, SwitchTrainingSAEConfig, metrics
 from sae_lens_scale.flops import flops_matched_topk_width, routed_flops, topk_flops
-from sae_lens_scale.offline import default_cache_dir
-from sae_lens_scale.sources import BUNDLED_MODEL, hook_activations, load_model, token_splits
+from sae_lens_scale.routed_sae import RoutedTrainingSAE
+from sae_lens_scale.scale_sae import FeatureScaling
+from sae_lens_scale.tools.offline import default_cache_dir
+from sae_lens_scale.tools.sources import BUNDLED_MODEL, hook_activations, load_model, token_splits
 
 RESULTS = Path(__file__).parent / "results"
 IN_DOMAIN, CROSS_DOMAIN = "shakespeare", "python-docs"
@@ -82,41 +85,42 @@ HEADLINE = (
 class Contender(NamedTuple):
     name: str
     family: str  # topk | switch | scale
-    make: Callable[[], TrainingSAE[Any]]
+    config: TrainingSAEConfig
     encoder_flops: int
+
+    def make(self) -> TrainingSAE[Any]:
+        return get_sae_training_class(self.config.architecture())[0](self.config)
 
 
 def contenders(cfg: QualityConfig, d_in: int) -> list[Contender]:
     M, k = cfg.d_sae, cfg.k
 
-    def topk(width: int) -> Callable[[], TrainingSAE[Any]]:
-        return lambda: TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k))
+    def topk(width: int) -> TopKTrainingSAEConfig:
+        return TopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k)
 
-    routed: list[tuple[str, str, Callable[[], TrainingSAE[Any]], int, int]] = []
+    routed: list[tuple[str, str, TrainingSAEConfig, int, int]] = []
     for n in (16, 32):
-        make = lambda n=n: SwitchTrainingSAE(SwitchTrainingSAEConfig(d_in=d_in, d_sae=M, n_experts=n, k=k))
-        routed.append((f"Switch {n}", "switch", make, n, 1))
+        routed.append((f"Switch {n}", "switch", SwitchTrainingSAEConfig(d_in=d_in, d_sae=M, n_experts=n, k=k), n, 1))
     n = cfg.n_experts_scale
+    scalings: tuple[tuple[FeatureScaling, str], ...] = (("mean", ""), ("none", " no FS"))
     for e in (2, 4, 8):
-        for scaling, suffix in (("mean", ""), ("none", " no FS")):
-            make = lambda e=e, scaling=scaling: ScaleTrainingSAE(
-                ScaleTrainingSAEConfig(
-                    d_in=d_in, d_sae=M, n_experts=n, n_active_experts=e, k=k, feature_scaling=scaling
-                )
+        for scaling, suffix in scalings:
+            config = ScaleTrainingSAEConfig(
+                d_in=d_in, d_sae=M, n_experts=n, n_active_experts=e, k=k, feature_scaling=scaling
             )
-            routed.append((f"Scale {n}/e={e}{suffix}", "scale", make, n, e))
+            routed.append((f"Scale {n}/e={e}{suffix}", "scale", config, n, e))
     rows = [Contender("TopK (width-matched)", "topk", topk(M), topk_flops(d_in, M, k).encoder)]
     matched_widths: dict[int, str] = {}
-    for name, _, _, n_experts, n_active in routed:
-        width = flops_matched_topk_width(M, n_experts, n_active)
+    for name, _, _, n_experts, n_active_experts in routed:
+        width = flops_matched_topk_width(M, n_experts, n_active_experts)
         matched_widths.setdefault(width, name.removesuffix(" no FS"))
     rows += [
         Contender(f"TopK (FLOPs-matched to {name})", "topk", topk(width), topk_flops(d_in, width, k).encoder)
         for width, name in matched_widths.items()
     ]
     rows += [
-        Contender(name, family, make, routed_flops(d_in, M, n_experts, n_active, k).encoder)
-        for name, family, make, n_experts, n_active in routed
+        Contender(name, family, make, routed_flops(d_in, M, n_experts, n_active_experts, k).encoder)
+        for name, family, make, n_experts, n_active_experts in routed
     ]
     return rows
 
@@ -194,7 +198,8 @@ def ce_loss_score(sae: SAE[Any], model: Any, rows: Any, cfg: QualityConfig) -> f
 def evaluate(
     sae: TrainingSAE[Any], scale: float, acts: dict[str, torch.Tensor], model: Any, datasets: Any, cfg: QualityConfig
 ) -> dict[str, Any]:
-    omega = sae.omega.detach().tolist() if getattr(sae, "omega", None) is not None else None
+    omega = sae.feature_scaling_omega() if isinstance(sae, RoutedTrainingSAE) else None
+    omega = omega.detach().tolist() if omega is not None else None
     sae.fold_activation_norm_scaling_factor(scale)
     sae.cfg.metadata = SAEMetadata(
         model_name=BUNDLED_MODEL, hook_name=cfg.hook, context_size=cfg.context_size, prepend_bos=False
@@ -294,18 +299,19 @@ def markdown(result: dict[str, Any], summary: list[dict[str, Any]]) -> str:
         "# SAE quality at matched width and matched FLOPs (CPU)",
         "",
         (
-            f"SmolLM2-135M-Instruct `{cfg['hook']}` (d_in={result['d_in']}), {result['tokens']['train']} training tokens"
+            f"SmolLM2-135M-Instruct `{cfg['hook']}` (d_in={result['d_in']}), {result['tokens']['train']} "
+            "training tokens"
             f"{f' x {passes} passes' if passes > 1 else ''} "
             f"(Shakespeare), the same order for every SAE; k={cfg['k']}, total width {cfg['d_sae']}. Held-out: "
             f"{result['tokens']['heldout']} tokens of unseen plays (in-domain) and {result['tokens']['cross']} of the "
             "Python docs (cross-domain). FVU = 1 - explained variance. CE = SAELens `run_evals` CE loss score (loss "
-            "recovered). Dead = latents never active on the in-domain held-out tokens. Redundancy = fraction of latents "
-            "with max decoder cosine > 0.9. ± = max - min over seeds."
+            "recovered). Dead = latents never active on the in-domain held-out tokens. Redundancy = fraction of "
+            "latents with max decoder cosine > 0.9. ± = max - min over seeds."
         ),
         "",
         (
-            "| SAE | width | enc. MFLOP/tok | FVU | cross FVU | SSE/tok | CE | cross CE | dead | redundancy | act. sim. "
-            "| mean ω | train s |"
+            "| SAE | width | enc. MFLOP/tok | FVU | cross FVU | SSE/tok | CE | cross CE | dead | redundancy "
+            "| act. sim. | mean ω | train s |"
         ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -376,7 +382,8 @@ def verdict(summary: list[dict[str, Any]], n_experts: int) -> list[str]:
         f"{_relative(scale[2], switches[1], 'redundancy')} (paper: -99 %).",
         (
             f"5. Width-matched, Scale {n_experts}/e=2 reaches FVU {fvu(scale[2])} against dense TopK's {fvu(dense)} "
-            f"({_relative(scale[2], dense)}) and trains {dense['train_seconds'] / scale[2]['train_seconds']:.1f}x faster "
+            f"({_relative(scale[2], dense)}) and trains "
+            f"{dense['train_seconds'] / scale[2]['train_seconds']:.1f}x faster "
             f"({scale[2]['train_seconds']:.0f} s vs {dense['train_seconds']:.0f} s for the same tokens)."
         ),
     ]

@@ -23,10 +23,10 @@ class SaeFlops:
         return 3 * self.forward
 
 
-def routed_flops(d_in: int, d_sae: int, n_experts: int, n_active: int, k: int) -> SaeFlops:
+def routed_flops(d_in: int, d_sae: int, n_experts: int, n_active_experts: int, k: int) -> SaeFlops:
     """Router (d_in x n_experts), the routed experts' encoder blocks, and a sparse decode of k rows."""
     expert_width = d_sae // n_experts
-    return SaeFlops(encoder=2 * d_in * (n_experts + n_active * expert_width), decoder=2 * k * d_in)
+    return SaeFlops(encoder=2 * d_in * (n_experts + n_active_experts * expert_width), decoder=2 * k * d_in)
 
 
 def dense_routed_flops(d_in: int, d_sae: int, n_experts: int) -> SaeFlops:
@@ -39,6 +39,6 @@ def topk_flops(d_in: int, d_sae: int, k: int, sparse_decode: bool = False) -> Sa
     return SaeFlops(encoder=2 * d_in * d_sae, decoder=2 * (k if sparse_decode else d_sae) * d_in)
 
 
-def flops_matched_topk_width(d_sae: int, n_experts: int, n_active: int) -> int:
+def flops_matched_topk_width(d_sae: int, n_experts: int, n_active_experts: int) -> int:
     """TopK width with the same encoder FLOPs per token as a routed SAE: the router plus the routed experts."""
-    return n_experts + n_active * (d_sae // n_experts)
+    return n_experts + n_active_experts * (d_sae // n_experts)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, hf_hub_download
+from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.utils import EntryNotFoundError
 from sae_lens import SAE
 from sae_lens import upload_saes_to_huggingface as sae_lens_upload_saes_to_huggingface
@@ -28,6 +28,8 @@ from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_na
 from sae_lens.registry import SAE_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainingSAE
 from safetensors import SafetensorError, safe_open
+
+from sae_lens_scale.validation import ConfigError, WeightsMismatchError
 
 PACKAGE = "sae-lens-scale"
 CARD_TAG = "sae-lens-scale"
@@ -84,9 +86,10 @@ def add_plugin_note(card: str, repo_id: str) -> str:
     if CARD_MARKER in card:
         return card
     parsed = ModelCard(card, ignore_metadata_errors=True)
-    tags = list(parsed.data.tags or [])
+    metadata = parsed.data.to_dict()
+    tags = list(metadata.get("tags") or [])
     if CARD_TAG not in tags:
-        parsed.data.tags = [*tags, CARD_TAG]
+        parsed.data = ModelCardData(**{**metadata, "tags": [*tags, CARD_TAG]})
     patched = SAE_LENS_SNIPPET.replace("```python\n", f"```python\n{IMPORT_LINE}\n")
     body = parsed.text.replace(SAE_LENS_SNIPPET, patched)
     parsed.text = body.rstrip("\n") + "\n\n" + plugin_note(repo_id, with_example=patched not in body)
@@ -168,7 +171,8 @@ def load_sae(
     ``switch`` architectures registered (importing this module imports the plugin). If the saved config names an
     architecture nothing registered, it raises :class:`UnregisteredArchitectureError` naming the architecture and the
     ones SAELens knows, where SAELens would raise a bare ``KeyError``; a truncated local weights file is named too.
-    A local training checkpoint with Feature Scaling (it still holds ``omega``) loads as a ``TrainingSAE``.
+    A local training checkpoint with Feature Scaling (it still holds ``omega``) loads as a ``TrainingSAE``. A config
+    or weights file that does not fit raises the plugin's error with the folder (or repo and id) in front.
     """
     if sae_id is None:
         _require_registered(Path(source) / SAE_CFG_FILENAME, str(source))
@@ -178,10 +182,15 @@ def load_sae(
             return sae_class.load_from_disk(source, device=device, dtype=dtype)
         except SafetensorError as error:  # SAELens lets safetensors' header error through without the path
             raise ValueError(f"{weights} is truncated or corrupt ({error}); re-save or re-download it.") from error
+        except (ConfigError, WeightsMismatchError) as error:
+            raise type(error)(f"{source}: {error}") from error
     if get_conversion_loader_name(str(source)) == "sae_lens":  # SAELens's own layout; other loaders have no cfg.json
         repo_id, folder = get_repo_id_and_folder_name(str(source), sae_id)
         config = hf_hub_download(repo_id, f"{folder}/{SAE_CFG_FILENAME}", force_download=force_download)
         _require_registered(Path(config), f"{repo_id}, {folder}")
-    return SAE.from_pretrained(
-        str(source), sae_id, device=device, dtype=dtype or "float32", force_download=force_download
-    )
+    try:
+        return SAE.from_pretrained(
+            str(source), sae_id, device=device, dtype=dtype or "float32", force_download=force_download
+        )
+    except (ConfigError, WeightsMismatchError) as error:
+        raise type(error)(f"{source}, sae_id {sae_id}: {error}") from error

@@ -1,4 +1,4 @@
-"""The papers' analysis metrics (DESIGN.md section 6) and the plots that go with them.
+"""The papers' analysis metrics, as tensor functions (their plots are in ``sae_lens_scale.tools.plots``).
 
 - Feature redundancy: how many latents have a near-copy elsewhere in the decoder (Scale paper's headline claim is
   that Feature Scaling and multi-expert routing lower it).
@@ -15,13 +15,15 @@ Every function takes a SAELens ``SAE`` (any architecture with ``W_dec``; the exp
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from sae_lens import SAE
+from sae_lens.saes.sae import TrainingSAE
 from torch import Tensor
+
+from sae_lens_scale.routed_sae import RoutedSAE
 
 DEFAULT_CHUNK_SIZE = 2048  # a 2048 x 2048 float32 similarity tile is 16 MiB and keeps the CPU GEMM at full speed
 DEFAULT_BATCH_SIZE = 4096
@@ -187,7 +189,7 @@ def expert_redundancy(
     reasons that have nothing to do with specialisation; random blocks of the same size give the chance level to
     compare with. Intra above inter means experts group related directions.
     """
-    n_experts = _n_experts(sae, "expert_redundancy")
+    n_experts = _routed(sae, "expert_redundancy").cfg.n_experts
     _require_positive_int("n_random", n_random)
     W_dec = _decoder(sae)
     d_sae = W_dec.shape[0]
@@ -286,7 +288,7 @@ def _firing_counts(sae: SAE[Any], inputs: Tensor, batch_size: int) -> Tensor:
     counts = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=device)
     for batch in inputs.split(batch_size):
         batch = batch.to(device)
-        if hasattr(sae, "encode_routed"):
+        if isinstance(sae, RoutedSAE):
             code = sae.encode_routed(batch).code
             counts += torch.bincount(code.latents[code.acts != 0], minlength=sae.cfg.d_sae)
         else:
@@ -298,12 +300,8 @@ def _firing_counts(sae: SAE[Any], inputs: Tensor, batch_size: int) -> Tensor:
 def expert_usage(sae: SAE[Any], activations: Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> ExpertUsage:
     """Tokens per expert over ``activations [..., d_in]``, their shares, the normalised entropy, the CDF over experts
     sorted by usage and the fraction of dead experts (the Switch paper's balance diagnostics)."""
-    n_experts = _n_experts(sae, "expert_usage")
-    if not hasattr(sae, "encode_routed"):
-        raise ValueError(
-            f"expert_usage reads the routing from encode_routed, which {type(sae).__name__} lacks; use a 'scale' or "
-            "'switch' SAE from sae_lens_scale."
-        )
+    routed = _routed(sae, "expert_usage")
+    n_experts = routed.cfg.n_experts
     _require_positive_int("batch_size", batch_size)
     inputs = _flat_inputs(sae, activations)
     if inputs.shape[0] == 0:
@@ -311,14 +309,14 @@ def expert_usage(sae: SAE[Any], activations: Tensor, batch_size: int = DEFAULT_B
     device = sae.W_dec.device
     counts = torch.zeros(n_experts, dtype=torch.int64, device=device)
     for batch in inputs.split(batch_size):
-        experts = sae.encode_routed(batch.to(device)).routing.experts
+        experts = routed.encode_routed(batch.to(device)).routing.experts
         counts += torch.bincount(experts.flatten(), minlength=n_experts)
     counts = counts.cpu()
     fractions = counts.double() / counts.sum()
     entropy = torch.special.entr(fractions).sum().item()
     return ExpertUsage(
         n_tokens=inputs.shape[0],
-        n_active_experts=sae.cfg.n_active_experts,
+        n_active_experts=routed.cfg.n_active_experts,
         counts=counts,
         fractions=fractions,
         normalized_entropy=entropy / math.log(n_experts) if n_experts > 1 else 1.0,
@@ -332,88 +330,17 @@ def omega_per_expert(sae: SAE[Any]) -> Tensor:
 
     The paper reports omega converging to positive values, larger for more active experts.
     """
-    _n_experts(sae, "omega_per_expert")
-    omega = getattr(sae, "omega", None)
-    if isinstance(omega, Tensor):
+    omega = _routed(sae, "omega_per_expert").feature_scaling_omega()
+    if omega is not None:
         return omega.detach().float().cpu()
-    feature_scaling = getattr(sae.cfg, "feature_scaling", None)
-    if feature_scaling is not None:
+    if isinstance(sae, TrainingSAE):
         raise ValueError(
-            f"{type(sae).__name__} was trained with feature_scaling={feature_scaling!r}, which has no omega; "
-            "only feature_scaling='mean' (Scale SAE's default) trains one."
+            f"{type(sae).__name__} trains no omega: only a Scale SAE with feature_scaling='mean' (its default) does."
         )
     raise ValueError(
         f"{type(sae).__name__} is an inference SAE: export folds omega into W_enc, so it cannot be read back. "
         "Load the training checkpoint instead, e.g. sae_lens TrainingSAE.load_from_disk(checkpoint_dir)."
     )
-
-
-def plot_max_cosine_histogram(results: Mapping[str, FeatureRedundancy], path: str | Path, bins: int = 100) -> Path:
-    """Overlaid histograms of each SAE's per-latent max cosine, as fractions of its latents, with the thresholds."""
-    figure, axes = _new_figure(results, n_axes=1)
-    lowest = min(min(result.max_cosine.min().item() for result in results.values()), 0.0)
-    for name, result in results.items():
-        weights = torch.full_like(result.max_cosine, 1 / result.n_latents)
-        axes.hist(result.max_cosine, bins=bins, range=(lowest, 1.0), weights=weights, histtype="step", label=name)
-    for threshold in sorted({t for result in results.values() for t in result.fraction_above}):
-        axes.axvline(threshold, color="grey", linestyle="--", linewidth=0.8)
-    axes.set(xlabel="max cosine to another latent's decoder row", ylabel="fraction of latents")
-    axes.legend()
-    return _save(figure, path)
-
-
-def plot_expert_usage_cdf(results: Mapping[str, ExpertUsage], path: str | Path) -> Path:
-    """Share of routing assignments taken by the most used experts; the diagonal is a perfectly balanced router.
-
-    The x axis is the fraction of experts, so SAEs with different expert counts share one plot.
-    """
-    figure, axes = _new_figure(results, n_axes=1)
-    for name, result in results.items():
-        n_experts = result.cdf.numel()
-        ranks = torch.arange(0, n_experts + 1) / n_experts
-        axes.plot(ranks, torch.cat([result.cdf.new_zeros(1), result.cdf]), marker=".", label=name)
-    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="uniform")
-    axes.set(
-        xlabel="fraction of experts, most used first", ylabel="cumulative share of tokens", xlim=(0, 1), ylim=(0, 1)
-    )
-    axes.legend()
-    return _save(figure, path)
-
-
-def plot_intra_inter(results: Mapping[str, ExpertRedundancy], path: str | Path) -> Path:
-    """Bars of intra-expert vs random-block redundancy per SAE: mean max cosine and fraction above threshold."""
-    figure, (mean_axes, fraction_axes) = _new_figure(results, n_axes=2)
-    positions = torch.arange(len(results), dtype=torch.float64)
-    labels = [f"{name}\n(> {result.threshold})" for name, result in results.items()]
-    for axes, metric in ((mean_axes, "mean_max_cosine"), (fraction_axes, "fraction_above")):
-        intra = [getattr(result, f"intra_{metric}") for result in results.values()]
-        inter = [getattr(result, f"inter_{metric}") for result in results.values()]
-        axes.bar(positions - 0.2, intra, width=0.4, label="intra-expert")
-        axes.bar(positions + 0.2, inter, width=0.4, label="random blocks")
-        axes.set_xticks(positions, labels)
-    mean_axes.set(ylabel="mean max cosine within block")
-    fraction_axes.set(ylabel="fraction of latents above threshold")
-    mean_axes.legend()
-    return _save(figure, path)
-
-
-def _new_figure(results: Mapping[str, Any], n_axes: int) -> tuple[Any, Any]:
-    """A matplotlib Figure not attached to pyplot: no display, no global backend switch in the caller's process."""
-    if not results:
-        raise ValueError("Nothing to plot: pass a mapping {label: result} with at least one result.")
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("The plot helpers need matplotlib: pip install matplotlib.") from error
-    figure = Figure(figsize=(6 * n_axes, 4), layout="constrained")
-    return figure, figure.subplots(1, n_axes)
-
-
-def _save(figure: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150)
-    return path
 
 
 def _fraction_above(values: Tensor, threshold: float) -> float:
@@ -430,15 +357,14 @@ def _decoder(sae: SAE[Any]) -> Tensor:
     return W_dec
 
 
-def _n_experts(sae: SAE[Any], metric: str) -> int:
-    n_experts = getattr(sae.cfg, "n_experts", None)
-    if n_experts is None:
+def _routed(sae: SAE[Any], metric: str) -> RoutedSAE[Any]:
+    if not isinstance(sae, RoutedSAE):
         raise ValueError(
             f"{metric} needs a routed SAE with cfg.n_experts, but {type(sae).__name__} "
             f"(architecture {sae.cfg.architecture()!r}) has no experts. Use a 'scale' or 'switch' SAE from "
             "sae_lens_scale; for a dense SAE use feature_redundancy or activation_similarity."
         )
-    return n_experts
+    return sae
 
 
 def _flat_inputs(sae: SAE[Any], activations: Tensor) -> Tensor:

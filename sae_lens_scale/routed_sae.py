@@ -1,9 +1,11 @@
-"""SAELens base classes for mixture-of-experts SAEs: configs, validation, encode/decode, folds and the training pass.
+"""SAELens base classes for mixture-of-experts SAEs: inference config, inference SAE, training config, training SAE.
 
 Scale SAE and Switch SAE differ only in how many experts a token uses and in Feature Scaling, so everything that
-touches SAELens lives here once; ``scale_sae.py`` and ``switch_sae.py`` only name the architectures.
+touches SAELens lives here once; ``scale_sae.py`` and ``switch_sae.py`` name the architectures and add what is theirs.
+The training classes extend the inference classes (as SAELens's ``TrainingSAE`` extends ``SAE``), so routing, the
+folds and the weight-file checks are written once and a training SAE encodes exactly like its export.
 
-Conventions (DESIGN.md section 2):
+Conventions (docs/architecture.md):
 - The parameters stay in SAELens's flat layout so its trainer, evals and weight metrics work unchanged: W_enc
   [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], plus W_router [d_in, n_experts] and b_router [d_in].
 - Feature activations are gated, ``a = p_expert * ReLU(f)``, so decoding stays linear: ``x_hat = a @ W_dec + b_dec``.
@@ -12,17 +14,14 @@ Conventions (DESIGN.md section 2):
   plain weights (unit rows) and reproduce the training outputs.
 """
 
-import inspect
 import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
-import sae_lens.saes.sae
 import torch
-from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from sae_lens.constants import SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import (
     SAE,
     SAEConfig,
@@ -33,7 +32,6 @@ from sae_lens.saes.sae import (
     TrainStepOutput,
 )
 from sae_lens.saes.topk_sae import SparseHookPoint
-from sae_lens.util import str_to_dtype
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
@@ -52,9 +50,17 @@ from sae_lens_scale.routing import (
     select_experts,
     sparse_acts,
     sparse_decode,
+    unit_rows,
+)
+from sae_lens_scale.validation import (
+    WeightsMismatchError,
+    check_state_dict,
+    fail,
+    require_int,
+    require_number,
+    validate_routed_shape,
 )
 
-FEATURE_SCALING_MODES = ("mean", "none")
 UNIT_NORM_TOLERANCE = 1e-4
 
 
@@ -64,6 +70,7 @@ class RoutedSAEConfig(SAEConfig):
 
     Args:
         n_experts: number of experts; the d_sae latents are split into contiguous blocks of d_sae / n_experts.
+        n_active_experts: experts each token is routed to; the global top-k runs over their latents.
         k: number of active latents per token after the global top-k.
         normalize_decoder_rows: decode with ``W_dec / ||W_dec||`` row-wise. Exports have unit rows, so it changes
             nothing for them, but it makes a training checkpoint loaded as an inference SAE decode exactly as it
@@ -72,257 +79,37 @@ class RoutedSAEConfig(SAEConfig):
     """
 
     n_experts: int = 32
+    n_active_experts: int = 1
     k: int = 32
     normalize_decoder_rows: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        validate_routed_config(self)
-
-
-@dataclass(kw_only=True)
-class RoutedTrainingSAEConfig(TrainingSAEConfig):
-    """Training config shared by the routed architectures.
-
-    Args:
-        n_experts: number of experts; the d_sae latents are split into contiguous blocks of d_sae / n_experts.
-        k: number of active latents per token after the global top-k.
-        load_balance_coefficient: weight of the Switch load-balancing loss, per input dimension. The reconstruction
-            loss is a per-token sum over d_in, so the balance loss is multiplied by ``load_balance_coefficient * d_in``;
-            3.0 is the papers' 3 * d_in. The Switch repo found 1 to 30 equally good and 0 much worse.
-        aux_loss_coefficient: weight of the AuxK loss that lets dead latents reconstruct the residual (0 turns it off).
-        normalize_decoder_rows: train with decoder rows at unit norm by reparametrisation. Export folds the norms, so
-            the saved W_dec has unit rows. SAELens sets it to False when it folds a whitening into the decoder.
-        router_collapse_fraction: an expert that gets more than this fraction of a batch's tokens is "collapsed"
-            routing (the others starve and their latents die). Only checked when n_active_experts / n_experts is
-            below it, since otherwise a balanced router already exceeds it.
-        router_collapse_window: consecutive training steps of collapsed routing after which a RuntimeWarning is
-            raised (once per SAE); the streak is logged every logging step as ``routing/collapse_streak``.
-    """
-
-    n_experts: int = 32
-    k: int = 32
-    load_balance_coefficient: float = 3.0
-    aux_loss_coefficient: float = 1.0
-    normalize_decoder_rows: bool = True
-    router_collapse_fraction: float = 0.9
-    router_collapse_window: int = 100
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        validate_routed_config(self)
-        _require_number(self, "load_balance_coefficient", minimum=0.0)
-        _require_number(self, "aux_loss_coefficient", minimum=0.0)
-        _require_number(self, "router_collapse_fraction", minimum=0.0)
-        if not 0 < self.router_collapse_fraction <= 1:
-            _fail(self, "router_collapse_fraction", "must be in (0, 1]: it is a fraction of the batch's tokens")
-        _require_int(self, "router_collapse_window", minimum=1)
-        if self.feature_scaling not in FEATURE_SCALING_MODES:
-            _fail(self, "feature_scaling", f"must be one of {FEATURE_SCALING_MODES}")
-        if self.aux_loss_coefficient > 0 and self.normalize_activations in ("constant_norm_rescale", "layer_norm"):
-            _fail(
-                self,
-                "normalize_activations",
-                "cannot be combined with the AuxK loss, whose residual lives in the unnormalised space; "
-                "use 'none' or 'expected_average_only_in', or set aux_loss_coefficient=0",
-            )
-
-
-def validate_routed_config(cfg: RoutedSAEConfig | RoutedTrainingSAEConfig) -> None:
-    """Reject every inconsistent shape at construction time, naming the field, the value and the fix."""
-    _require_int(cfg, "d_in", minimum=1)
-    _require_int(cfg, "d_sae", minimum=1)
-    _require_int(cfg, "n_experts", minimum=1)
-    _require_int(cfg, "n_active_experts", minimum=1)
-    _require_int(cfg, "k", minimum=1)
-    if not isinstance(cfg.normalize_decoder_rows, bool):
-        _fail(cfg, "normalize_decoder_rows", "must be True or False")
-    if cfg.d_sae % cfg.n_experts:
-        lower = cfg.d_sae - cfg.d_sae % cfg.n_experts
-        _fail(
-            cfg,
-            "d_sae",
-            f"is not divisible by n_experts={cfg.n_experts}; experts are equal blocks of latents, "
-            f"so use a multiple of n_experts such as {lower or cfg.n_experts} or {lower + cfg.n_experts}, "
-            "or a n_experts that divides d_sae",
-        )
-    if cfg.n_active_experts > cfg.n_experts:
-        _fail(cfg, "n_active_experts", f"exceeds n_experts={cfg.n_experts}; use 1 <= n_active_experts <= n_experts")
-    candidates = cfg.n_active_experts * (cfg.d_sae // cfg.n_experts)
-    if cfg.k > candidates:
-        _fail(
-            cfg,
-            "k",
-            f"exceeds the {candidates} latents a token can reach (n_active_experts={cfg.n_active_experts} experts "
-            f"of d_sae / n_experts = {cfg.d_sae // cfg.n_experts} latents); lower k or raise n_active_experts or d_sae",
-        )
-    try:
-        str_to_dtype(cfg.dtype)
-    except ValueError:
-        _fail(
-            cfg, "dtype", "is not a torch dtype name SAELens knows; use 'float32', 'bfloat16', 'float16' or 'float64'"
-        )
-
-
-def _fail(cfg: Any, field: str, problem: str) -> None:
-    source = _load_source()
-    where = f" (while loading {source.config})" if source is not None else ""
-    raise ValueError(f"{type(cfg).__name__}.{field}={getattr(cfg, field)!r} {problem}{where}.")
-
-
-def _require_int(cfg: Any, field: str, minimum: int) -> None:
-    value = getattr(cfg, field)
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(cfg, field, f"must be an int (got {type(value).__name__})")
-    if value < minimum:
-        _fail(cfg, field, f"must be >= {minimum}")
-
-
-def _require_number(cfg: Any, field: str, minimum: float) -> None:
-    value = getattr(cfg, field)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(cfg, field, "must be a finite number")
-    if value < minimum:
-        _fail(cfg, field, f"must be >= {minimum}")
-
-
-class _LoadSource(NamedTuple):
-    """What SAELens is loading, in words for an error message."""
-
-    weights: str
-    config: str
-
-
-_SAE_MODULE_FILE = sae_lens.saes.sae.__file__
-
-
-def _load_source() -> _LoadSource | None:
-    """The file SAELens is loading right now, read from its loader's arguments; None outside a load.
-
-    SAELens hands ``process_state_dict_for_loading`` and config classes tensors and dicts, never the path, yet an error
-    about a mismatched file is little use without it. Its loaders have the path as an argument, so it is read from
-    their frame; if SAELens ever renames those, the messages just lose the path.
-    """
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            if frame.f_code.co_filename == _SAE_MODULE_FILE:
-                source = _source_from_loader_frame(frame)
-                if source is not None:
-                    return source
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
-
-
-def _source_from_loader_frame(frame: FrameType) -> _LoadSource | None:
-    arguments, loader = frame.f_locals, frame.f_code.co_name
-    if loader == "load_from_disk" and "path" in arguments:
-        folder = Path(arguments["path"])
-        return _LoadSource(str(folder / SAE_WEIGHTS_FILENAME), str(folder / SAE_CFG_FILENAME))
-    if loader == "load_weights_from_checkpoint" and "checkpoint_path" in arguments:
-        weights = str(Path(arguments["checkpoint_path"]) / SAE_WEIGHTS_FILENAME)
-        return _LoadSource(weights, "the SAE config of the resumed run (LanguageModelSAERunnerConfig.sae)")
-    if loader == "from_pretrained_with_cfg_and_sparsity" and "sae_id" in arguments:
-        where = f"of release {arguments['release']!r}, sae_id {arguments['sae_id']!r}"
-        return _LoadSource(f"{SAE_WEIGHTS_FILENAME} {where}", f"{SAE_CFG_FILENAME} {where}")
-    return None
-
-
-# The config fields that fix each tensor's dimensions, to say which field a mismatched file disagrees with.
-_TENSOR_DIMS: dict[str, tuple[str, ...]] = {
-    "W_enc": ("d_in", "d_sae"),
-    "b_enc": ("d_sae",),
-    "W_dec": ("d_sae", "d_in"),
-    "b_dec": ("d_in",),
-    "W_router": ("d_in", "n_experts"),
-    "b_router": ("d_in",),
-    "omega": ("n_experts",),
-}
-
-
-def _state_dict_problems(state_dict: dict[str, Tensor], expected: dict[str, tuple[int, ...]], cfg: Any) -> list[str]:
-    """Every missing, unexpected, wrongly shaped or non-finite tensor, one line each; empty when the file fits."""
-    problems = [
-        f"{name} is missing (needs shape {shape})" for name, shape in expected.items() if name not in state_dict
-    ]
-    for name, tensor in state_dict.items():
-        if name not in expected:
-            problems.append(_unexpected_tensor(name, cfg))
-        elif tuple(tensor.shape) != expected[name]:
-            fields = ", ".join(f"{field}={getattr(cfg, field)}" for field in _TENSOR_DIMS.get(name, ()))
-            problems.append(f"{name} has shape {tuple(tensor.shape)}, but {fields} need {expected[name]}")
-        elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            count = int((~torch.isfinite(tensor)).sum())
-            problems.append(f"{name} has {count} NaN/inf values (the run that saved it diverged)")
-    return problems
-
-
-def _unexpected_tensor(name: str, cfg: Any) -> str:
-    if name == "omega" and not isinstance(cfg, TrainingSAEConfig):
-        return (
-            "omega is a training-only tensor: this is a training checkpoint, so load it with "
-            "TrainingSAE.load_from_disk, or export it with save_inference_model for SAE.load_from_disk"
-        )
-    return f"{name} is not a tensor of a {cfg.architecture()!r} SAE with this config"
-
-
-def _implied_config(state_dict: dict[str, Tensor]) -> dict[str, int]:
-    """The d_in, d_sae and n_experts the file's tensors were saved with, as far as their shapes tell."""
-    implied: dict[str, int] = {}
-    for name, tensor in state_dict.items():
-        for field, size in zip(_TENSOR_DIMS.get(name, ()), tensor.shape, strict=False):
-            implied.setdefault(field, size)
-    return implied
-
-
-def _raise_if_state_dict_mismatches(
-    state_dict: dict[str, Tensor], expected: dict[str, tuple[int, ...]], cfg: Any
-) -> None:
-    """Fail before torch copies anything, naming the file, every bad tensor, the config fields and the fix."""
-    problems = _state_dict_problems(state_dict, expected, cfg)
-    if not problems:
-        return
-    source = _load_source() or _LoadSource("the state dict", "the config")
-    implied = _implied_config(state_dict)
-    disagreeing = {field: size for field, size in implied.items() if getattr(cfg, field) != size}
-    listing = "".join(f"\n  - {problem}" for problem in problems)
-    hint = (
-        f"\nThe tensors were saved with {_fields(disagreeing)}, but {source.config} says "
-        f"{_fields({field: getattr(cfg, field) for field in disagreeing})}: the weights and the config come from "
-        "different SAEs. Load the weights with the config they were saved with."
-        if disagreeing
-        else "\nRe-save or re-download the SAE."
-    )
-    raise ValueError(
-        f"Cannot load {source.weights} into a {cfg.architecture()!r} SAE ({type(cfg).__name__}):{listing}{hint}"
-    )
-
-
-def _fields(values: dict[str, int]) -> str:
-    return ", ".join(f"{field}={value}" for field, value in values.items())
+        validate_routed_shape(self)
 
 
 T_ROUTED_CONFIG = TypeVar("T_ROUTED_CONFIG", bound=RoutedSAEConfig)
-T_ROUTED_TRAINING_CONFIG = TypeVar("T_ROUTED_TRAINING_CONFIG", bound=RoutedTrainingSAEConfig)
 
 
-class _RoutedMixin:
-    """What the inference and the training SAE share: parameters, the routed encode and the router-aware folds."""
+class RoutedSAE(SAE[T_ROUTED_CONFIG]):
+    """Inference SAE of a routed architecture: only routed experts computed, linear decode.
 
-    cfg: Any
-    dtype: torch.dtype
-    device: torch.device
-    W_enc: nn.Parameter
+    ``encode_routed`` is the sparse fast path; ``encode`` and ``decode`` keep SAELens's dense ``[..., d_sae]``
+    contract for evals and hooks.
+    """
+
     b_enc: nn.Parameter
-    W_dec: nn.Parameter
-    b_dec: nn.Parameter
     W_router: nn.Parameter
     b_router: nn.Parameter
-    hook_router_probs: HookPoint
 
-    def _init_routed_weights(self) -> None:
+    def __init__(self, cfg: T_ROUTED_CONFIG, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self.hook_router_probs = HookPoint()
+        self.setup()
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
         d_in, n_experts = self.cfg.d_in, self.cfg.n_experts
         self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
         bound = 1 / math.sqrt(d_in)
@@ -330,17 +117,14 @@ class _RoutedMixin:
         self.W_router = nn.Parameter(router)
         self.b_router = nn.Parameter(torch.zeros(d_in, dtype=self.dtype, device=self.device))
 
-    def _omega(self) -> Tensor | None:
+    def feature_scaling_omega(self) -> Tensor | None:
+        """Feature Scaling's per-expert factor, or None when the encoder is used as stored (every export)."""
         return None
 
+    @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        """Check the file against the config before torch copies it, so a mismatch names the file, tensor and field.
-
-        (SAE's own hook is a no-op.) torch's load_state_dict would also refuse a wrong shape, but without the file, the
-        config field at fault or the fix, and it would load NaN weights silently.
-        """
-        expected = {name: tuple(tensor.shape) for name, tensor in self.state_dict().items()}
-        _raise_if_state_dict_mismatches(state_dict, expected, self.cfg)
+        """Check the file against the config before torch copies it, so a mismatch names the tensor and field."""
+        check_state_dict(state_dict, {name: tuple(t.shape) for name, t in self.state_dict().items()}, self.cfg)
 
     def encode_routed(self, x: Tensor) -> RoutedEncoding:
         """The sparse encoding of ``x [..., d_in]`` on a flat batch: routing, candidates and the k active latents.
@@ -354,17 +138,27 @@ class _RoutedMixin:
         probs = router_probs(sae_in, self.W_router, self.b_router)
         routing = select_experts(_hooked(self.hook_router_probs, probs, leading), self.cfg.n_active_experts)
         candidates = routed_preactivations(
-            centered, self.W_enc, self.b_enc, routing.experts, self.cfg.n_experts, self._omega()
+            centered, self.W_enc, self.b_enc, routing.experts, self.cfg.n_experts, self.feature_scaling_omega()
         )
         candidates = _hooked(self.hook_sae_acts_pre, candidates, leading)
         return RoutedEncoding(routing, candidates, global_topk(candidates, routing, self.cfg.k))
 
-    def _encode_dense(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """SAELens's encode contract: ``[..., d_sae]`` activations (and ``[..., n_active * m]`` candidates)."""
+    def encode_with_candidates(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """SAELens's encode contract: ``[..., d_sae]`` activations, and the ``[..., n_active_experts * m]`` candidates
+        (the only pre-activations that exist)."""
         encoding = self.encode_routed(x)
         leading = x.shape[:-2] if self.hook_z_reshaping_mode else x.shape[:-1]
         acts = dense_acts(encoding.code, self.cfg.d_sae).view(*leading, self.cfg.d_sae)
         return self.hook_sae_acts_post(acts), encoding.candidates.view(*leading, -1)
+
+    @override
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encode_with_candidates(x)[0]
+
+    def effective_W_enc(self) -> Tensor:
+        """The encoder as it acts, Feature Scaling applied: what export writes."""
+        omega = self.feature_scaling_omega()
+        return self.W_enc if omega is None else feature_scaled_encoder(self.W_enc, omega)
 
     def decoder_row_norms(self) -> Tensor | None:
         """Row norms the decode divides by, or None when the decoder is used as stored."""
@@ -374,11 +168,13 @@ class _RoutedMixin:
         norms = self.decoder_row_norms()
         return self.W_dec if norms is None else self.W_dec / norms.unsqueeze(-1)
 
+    @override
     def decode(self, feature_acts: Tensor) -> Tensor:
         sae_out = self.hook_sae_recons(feature_acts @ self.effective_W_dec() + self.b_dec)
         sae_out = self.run_time_activation_norm_fn_out(sae_out)
         return self.reshape_fn_out(sae_out, self.d_head)
 
+    @override
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
         """Fold SAELens's input scaling ``x * s`` so the SAE takes raw x and returns raw reconstructions.
@@ -393,6 +189,7 @@ class _RoutedMixin:
         self.W_router.data *= scaling_factor
         self.cfg.normalize_activations = "none"
 
+    @override
     @torch.no_grad()
     def fold_activation_whitening(self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor) -> None:
         """Fold a whitening exactly: decoder norms first, then the router and SAELens's affine maps.
@@ -407,19 +204,21 @@ class _RoutedMixin:
         self.W_router.data.copy_(whitening_matrix.to(self.device, dtype) @ self.W_router.data.to(dtype))
         shift = self.b_router.data.to(dtype) @ unwhitening_matrix.to(self.device, dtype) + mean.to(self.device, dtype)
         self.b_router.data.copy_(shift)
-        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)  # type: ignore[misc]
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
 
+    @override
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
         """Exact: with normalised decoding the stored row norms do not affect outputs, so they are set to 1.
 
         Without it (after a whitening fold), rescaling latents would change which k win the top-k, so only a
-        decoder that already has unit rows is accepted.
+        decoder whose rows are already unit norm (or zero: a latent that never decodes) is accepted.
         """
         if self.cfg.normalize_decoder_rows:
-            self.W_dec.data /= self.W_dec.data.norm(dim=-1, keepdim=True)
+            self.W_dec.data.copy_(unit_rows(self.W_dec.data))
             return
-        worst = (self.W_dec.norm(dim=-1) - 1).abs().max().item()
+        norms = self.W_dec.norm(dim=-1)
+        worst = ((norms - 1).abs() * (norms > 0)).max().item()
         if worst > UNIT_NORM_TOLERANCE:
             raise NotImplementedError(
                 f"fold_W_dec_norm on a {self.cfg.architecture()!r} SAE with normalize_decoder_rows=False needs "
@@ -428,40 +227,57 @@ class _RoutedMixin:
             )
 
 
-def _hooked(hook: HookPoint, flat: Tensor, leading: torch.Size) -> Tensor:
-    """Run a hook on the tensor with the caller's leading dims, then flatten back."""
-    return hook(flat.view(*leading, flat.shape[-1])).reshape(flat.shape)
+@dataclass(kw_only=True)
+class RoutedTrainingSAEConfig(RoutedSAEConfig, TrainingSAEConfig):
+    """Training config shared by the routed architectures: the inference fields plus the training losses.
+
+    Args:
+        load_balance_coefficient: weight of the Switch load-balancing loss, per input dimension. The reconstruction
+            loss is a per-token sum over d_in, so the balance loss is multiplied by ``load_balance_coefficient * d_in``;
+            3.0 is the papers' 3 * d_in. The Switch repo found 1 to 30 equally good and 0 much worse.
+        aux_loss_coefficient: weight of the AuxK loss that lets dead latents reconstruct the residual (0 turns it off).
+        router_collapse_fraction: an expert that gets more than this fraction of a batch's tokens is "collapsed"
+            routing (the others starve and their latents die). Only checked when n_active_experts / n_experts is
+            below it, since otherwise a balanced router already exceeds it.
+        router_collapse_window: consecutive training steps of collapsed routing after which a RuntimeWarning is
+            raised (once per SAE); the streak is logged every logging step as ``routing/collapse_streak``.
+    """
+
+    load_balance_coefficient: float = 3.0
+    aux_loss_coefficient: float = 1.0
+    router_collapse_fraction: float = 0.9
+    router_collapse_window: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_number(self, "load_balance_coefficient", minimum=0.0)
+        require_number(self, "aux_loss_coefficient", minimum=0.0)
+        require_number(self, "router_collapse_fraction", minimum=0.0)
+        if not 0 < self.router_collapse_fraction <= 1:
+            fail(self, "router_collapse_fraction", "must be in (0, 1]: it is a fraction of the batch's tokens")
+        require_int(self, "router_collapse_window", minimum=1)
+        if self.aux_loss_coefficient > 0 and self.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+            fail(
+                self,
+                "normalize_activations",
+                "cannot be combined with the AuxK loss, whose residual lives in the unnormalised space; "
+                "use 'none' or 'expected_average_only_in', or set aux_loss_coefficient=0",
+            )
 
 
-class RoutedSAE(_RoutedMixin, SAE[T_ROUTED_CONFIG]):
-    """Inference SAE of a routed architecture: plain weights, only routed experts computed, linear decode."""
-
-    def __init__(self, cfg: T_ROUTED_CONFIG, use_error_term: bool = False):
-        super().__init__(cfg, use_error_term)
-        self.hook_router_probs = HookPoint()
-        self.setup()
-
-    @override
-    def initialize_weights(self) -> None:
-        super().initialize_weights()
-        self._init_routed_weights()
-
-    @override
-    def encode(self, x: Tensor) -> Tensor:
-        return self._encode_dense(x)[0]
+T_ROUTED_TRAINING_CONFIG = TypeVar("T_ROUTED_TRAINING_CONFIG", bound=RoutedTrainingSAEConfig)
 
 
-class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
+class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
     """Training SAE of a routed architecture.
 
     ``training_forward_pass`` is the fast path: only routed experts are multiplied, the decode gathers k decoder rows
     per token, and the trainer gets its feature activations as a detached sparse COO tensor for its firing
-    statistics. ``encode``/``decode``/``forward`` keep SAELens's dense contract for evals and hooks.
+    statistics.
     """
 
     def __init__(self, cfg: T_ROUTED_TRAINING_CONFIG, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
-        self.hook_router_probs = HookPoint()
         self.hook_sae_acts_post = SparseHookPoint(self.cfg.d_sae)
         self.setup()
         # Router-collapse monitor: plain attributes, not state, so checkpoints and exports are unchanged; a resumed
@@ -470,24 +286,8 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
         self._warned_collapse = False
 
     @override
-    def initialize_weights(self) -> None:
-        super().initialize_weights()
-        self._init_routed_weights()
-        if self.cfg.feature_scaling == "mean":
-            self.omega = nn.Parameter(torch.zeros(self.cfg.n_experts, dtype=self.dtype, device=self.device))
-
-    @override
-    def _omega(self) -> Tensor | None:
-        return self.omega if self.cfg.feature_scaling == "mean" else None
-
-    def effective_W_enc(self) -> Tensor:
-        omega = self._omega()
-        return self.W_enc if omega is None else feature_scaled_encoder(self.W_enc, omega)
-
-    @override
     def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Dense activations and the routed candidates' pre-activations (not a full [..., d_sae] hidden_pre)."""
-        return self._encode_dense(x)
+        return self.encode_with_candidates(x)
 
     @override
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
@@ -516,7 +316,7 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
         }
         dead = step_input.dead_neuron_mask
         num_dead = 0 if dead is None or self.cfg.aux_loss_coefficient == 0 else int(dead.sum())
-        if num_dead == 0:
+        if dead is None or num_dead == 0:
             losses["auxiliary_reconstruction_loss"] = sae_out.new_zeros(())
             return losses
         k_aux = self.cfg.d_in // 2
@@ -547,15 +347,9 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
         if not torch.isfinite(loss):
             raise self._non_finite_loss_error(step_input, losses)
         self._track_router_collapse(encoding)
-        return TrainStepOutput(
-            sae_in=step_input.sae_in,
-            sae_out=sae_out,
-            feature_acts=feature_acts,
-            hidden_pre=encoding.candidates,
-            loss=loss,
-            losses=losses,
-            metrics=self._routing_metrics(encoding) if step_input.is_logging_step else {},
-        )
+        metrics = self._routing_metrics(encoding) if step_input.is_logging_step else {}
+        # hidden_pre: the routed candidates, the only pre-activations that exist
+        return TrainStepOutput(step_input.sae_in, sae_out, feature_acts, encoding.candidates, loss, losses, metrics)
 
     @torch.no_grad()
     def _non_finite_loss_error(self, step_input: TrainStepInput, losses: dict[str, Tensor]) -> FloatingPointError:
@@ -610,10 +404,10 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
         return expert_fractions(encoding.routing, self.cfg.n_experts).max().item() * self.cfg.n_active_experts
 
     @torch.no_grad()
-    def _routing_metrics(self, encoding: RoutedEncoding) -> dict[str, Tensor | float]:
+    def _routing_metrics(self, encoding: RoutedEncoding) -> dict[str, Any]:
         fractions = expert_fractions(encoding.routing, self.cfg.n_experts)
         entropy = -(fractions * fractions.clamp_min(1e-12).log()).sum()
-        metrics: dict[str, Tensor | float] = {
+        metrics: dict[str, Any] = {
             "routing/expert_usage_entropy": entropy / math.log(self.cfg.n_experts) if self.cfg.n_experts > 1 else 1.0,
             "routing/max_expert_fraction": fractions.max(),
             "routing/max_expert_token_share": fractions.max() * self.cfg.n_active_experts,
@@ -621,7 +415,7 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
             "routing/collapse_streak": float(self.collapse_streak),
             "routing/collapse_warning": float(self.collapse_streak >= self.cfg.router_collapse_window),
         }
-        omega = self._omega()
+        omega = self.feature_scaling_omega()
         if omega is not None:
             metrics["routing/omega_mean"] = omega.mean()
         return metrics
@@ -634,15 +428,14 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
         if omega is not None:
             state_dict["W_enc"] = feature_scaled_encoder(state_dict["W_enc"], omega).contiguous()
         if self.cfg.normalize_decoder_rows:
-            W_dec = state_dict["W_dec"]
-            state_dict["W_dec"] = (W_dec / W_dec.norm(dim=-1, keepdim=True)).contiguous()
+            state_dict["W_dec"] = unit_rows(state_dict["W_dec"]).contiguous()
 
     @torch.no_grad()
     def fold_feature_scaling(self) -> None:
         """Write Feature Scaling into W_enc and reset omega to 0: same outputs, plain encoder."""
-        omega = self._omega()
+        omega = self.feature_scaling_omega()
         if omega is not None:
-            self.W_enc.data.copy_(feature_scaled_encoder(self.W_enc.data, omega.data))
+            self.W_enc.data.copy_(self.effective_W_enc())
             omega.data.zero_()
 
     @override
@@ -656,7 +449,21 @@ class RoutedTrainingSAE(_RoutedMixin, TrainingSAE[T_ROUTED_TRAINING_CONFIG]):
     @torch.no_grad()
     def log_histograms(self) -> dict[str, Any]:
         histograms = super().log_histograms()
-        omega = self._omega()
+        omega = self.feature_scaling_omega()
         if omega is not None:
             histograms["weights/omega"] = omega.detach().float().cpu().numpy()
         return histograms
+
+    @override
+    def load_weights_from_checkpoint(self, checkpoint_path: Path | str) -> None:
+        """SAELens's resume, with the checkpoint's file named when its weights do not fit this config."""
+        try:
+            super().load_weights_from_checkpoint(checkpoint_path)
+        except WeightsMismatchError as error:
+            weights = Path(checkpoint_path) / SAE_WEIGHTS_FILENAME
+            raise WeightsMismatchError(f"{weights}: {error} (the config is the resumed run's sae config)") from error
+
+
+def _hooked(hook: HookPoint, flat: Tensor, leading: torch.Size) -> Tensor:
+    """Run a hook on the tensor with the caller's leading dims, then flatten back."""
+    return hook(flat.view(*leading, flat.shape[-1])).reshape(flat.shape)

@@ -18,8 +18,8 @@ class Routing(NamedTuple):
     """Which experts each token uses, and with what weight."""
 
     probs: Tensor  # [batch, n_experts] router softmax
-    experts: Tensor  # [batch, n_active] chosen experts, int64
-    gates: Tensor  # [batch, n_active] their probabilities, probs.gather(experts)
+    experts: Tensor  # [batch, n_active_experts] chosen experts, int64
+    gates: Tensor  # [batch, n_active_experts] their probabilities, probs.gather(experts)
 
 
 class SparseCode(NamedTuple):
@@ -31,7 +31,7 @@ class SparseCode(NamedTuple):
 
 class RoutedEncoding(NamedTuple):
     routing: Routing
-    candidates: Tensor  # [batch, n_active * m] pre-activations of the routed experts' latents, slot-major
+    candidates: Tensor  # [batch, n_active_experts * m] pre-activations of the routed experts' latents, slot-major
     code: SparseCode
 
 
@@ -50,15 +50,15 @@ def router_probs(sae_in: Tensor, W_router: Tensor, b_router: Tensor) -> Tensor:
     return torch.softmax((sae_in - b_router) @ W_router, dim=-1)
 
 
-def select_experts(probs: Tensor, n_active: int) -> Routing:
-    gates, experts = probs.topk(n_active, dim=-1)
+def select_experts(probs: Tensor, n_active_experts: int) -> Routing:
+    gates, experts = probs.topk(n_active_experts, dim=-1)
     return Routing(probs, experts, gates)
 
 
 class ExpertGroups(NamedTuple):
     """The batch's (token, slot) assignments sorted by expert, so each expert's tokens are one contiguous block."""
 
-    order: Tensor  # [batch * n_active] assignment ids (token * n_active + slot), sorted by expert
+    order: Tensor  # [batch * n_active_experts] assignment ids (token * n_active_experts + slot), sorted by expert
     unsort: Tensor  # inverse permutation of order
     counts: list[int]  # assignments per expert
 
@@ -73,17 +73,17 @@ def group_by_expert(experts: Tensor, n_experts: int) -> ExpertGroups:
 class _RoutedExpertMatmul(torch.autograd.Function):
     """``x[token] @ W_enc[:, block of expert]`` for every (token, slot) assignment, in one autograd node.
 
-    Slicing the flat W_enc per expert under autograd would make each slice's backward zero-fill a full-size gradient
-    (the DESIGN.md speed trap). Here one matmul per expert runs on its contiguous block of sorted assignments, and the
+    Slicing the flat W_enc per expert under autograd would make each slice's backward zero-fill a full-size gradient,
+    once per expert per step. Here one matmul per expert runs on its contiguous block of sorted assignments, and the
     backward writes each expert's gradient block exactly once into a single buffer (unrouted experts get an explicit
-    zero block). Every permutation is a gather, including the input gradient: each token has exactly n_active
+    zero block). Every permutation is a gather, including the input gradient: each token has exactly n_active_experts
     assignments, so its gradient is a sum over its slots rather than a scatter-add.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, groups: ExpertGroups) -> Tensor:
-        n_active = groups.order.numel() // x.shape[0]
-        x_sorted = x.index_select(0, groups.order // n_active)
+        n_active_experts = groups.order.numel() // x.shape[0]
+        x_sorted = x.index_select(0, groups.order // n_active_experts)
         blocks = _expert_blocks(W_enc, len(groups.counts))
         out_sorted = x.new_empty(x_sorted.shape[0], blocks.shape[-1])
         for expert, rows in enumerate(_expert_row_slices(groups.counts)):
@@ -94,7 +94,8 @@ class _RoutedExpertMatmul(torch.autograd.Function):
         return out_sorted.index_select(0, groups.unsort)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
+    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor, Tensor, None]:
+        (grad_out,) = grad_outputs
         x_sorted, W_enc = ctx.saved_tensors
         groups: ExpertGroups = ctx.groups
         blocks = _expert_blocks(W_enc, len(groups.counts))
@@ -130,20 +131,21 @@ def routed_preactivations(
     n_experts: int,
     omega: Tensor | None = None,
 ) -> Tensor:
-    """Pre-activations of the routed experts' latents only: ``[batch, n_active * m]``, slot-major.
+    """Pre-activations of the routed experts' latents only: ``[batch, n_active_experts * m]``, slot-major.
 
-    Feature Scaling (Scale SAE eq. 7) reparametrises expert i's encoder as ``mean_i + (1 + omega_i)(W_i - mean_i)``,
-    where mean_i is the mean of its m columns. Because ``x @ mean_i`` is the mean of ``x @ W_i`` over the block, the
-    scaled pre-activation is ``g + omega_i * (g - mean(g))`` with ``g = x @ W_i``: no full-size weight is ever built.
+    Feature Scaling (docs/architecture.md, "Feature Scaling") reparametrises expert i's encoder as
+    ``mean_i + (1 + omega_i)(W_i - mean_i)``, where mean_i is the mean of its m columns. Because ``x @ mean_i`` is
+    the mean of ``x @ W_i`` over the block, the scaled pre-activation is ``g + omega_i * (g - mean(g))`` with
+    ``g = x @ W_i``: no full-size weight is ever built.
     """
-    batch, n_active = experts.shape
+    batch, n_active_experts = experts.shape
     expert_width = W_enc.shape[1] // n_experts
     x, weights = sae_in_centered.to(W_enc.dtype), W_enc
     if torch.is_autocast_enabled(x.device.type):
         compute_dtype = torch.get_autocast_dtype(x.device.type)
         x, weights = x.to(compute_dtype), W_enc.to(compute_dtype)
     preacts = _RoutedExpertMatmul.apply(x, weights, group_by_expert(experts, n_experts))
-    preacts = preacts.view(batch, n_active, expert_width)
+    preacts = preacts.view(batch, n_active_experts, expert_width)
     if omega is not None:
         centred = preacts - preacts.mean(dim=-1, keepdim=True)
         preacts = preacts + omega[experts].unsqueeze(-1) * centred
@@ -153,7 +155,7 @@ def routed_preactivations(
 def global_topk(candidates: Tensor, routing: Routing, k: int) -> SparseCode:
     """One top-k over the union of the routed experts' latents, ReLU, then gate by the expert's probability.
 
-    ``candidates`` is ``[batch, n_active * m]``, slot-major in the order of ``routing.experts``.
+    ``candidates`` is ``[batch, n_active_experts * m]``, slot-major in the order of ``routing.experts``.
     """
     expert_width = candidates.shape[-1] // routing.experts.shape[-1]
     values, flat_index = candidates.topk(k, dim=-1, sorted=False)
@@ -162,29 +164,39 @@ def global_topk(candidates: Tensor, routing: Routing, k: int) -> SparseCode:
     return SparseCode(latents, routing.gates.gather(1, slot).to(values.dtype) * values.relu())
 
 
+MIN_ROW_NORM = 1e-8  # SAELens's clamp for decoder row norms: a zero row divides to zero instead of NaN
+
+
 class _RowNorms(torch.autograd.Function):
-    """Euclidean norm of each row, with a one-pass backward.
+    """Euclidean norm of each row, clamped below at MIN_ROW_NORM, with a one-pass backward.
 
     torch's generic norm backward makes several full passes over the [d_sae, d_in] decoder (it rescales and masks the
-    whole matrix), which cost more than the sparse decode itself. Here the backward is one broadcast multiply, and
-    the zero-norm guard acts on the [d_sae] vector.
+    whole matrix), which cost more than the sparse decode itself. Here the backward is one broadcast multiply. Where
+    the clamp holds the norm constant its gradient is zero, so a zero row stays finite in both passes.
     """
 
     @staticmethod
     def forward(ctx: Any, W: Tensor) -> Tensor:
         norms = torch.linalg.vector_norm(W, dim=1)
         ctx.save_for_backward(W, norms)
-        return norms
+        return norms.clamp_min(MIN_ROW_NORM)
 
     @staticmethod
-    def backward(ctx: Any, grad_norms: Tensor) -> Tensor:
+    def backward(ctx: Any, *grad_outputs: Tensor) -> Tensor:
+        (grad_norms,) = grad_outputs
         W, norms = ctx.saved_tensors
-        scale = torch.where(norms > 0, grad_norms / norms, torch.zeros_like(norms))
+        scale = torch.where(norms > MIN_ROW_NORM, grad_norms / norms, torch.zeros_like(norms))
         return W * scale.unsqueeze(1)
 
 
 def row_norms(W: Tensor) -> Tensor:
+    """``[d_sae]`` decoder row norms, never below MIN_ROW_NORM, so dividing by them is always finite."""
     return _RowNorms.apply(W)
+
+
+def unit_rows(W: Tensor) -> Tensor:
+    """``W`` with every row scaled to unit norm; a zero row stays zero."""
+    return W / torch.linalg.vector_norm(W, dim=1, keepdim=True).clamp_min(MIN_ROW_NORM)
 
 
 def sparse_decode(code: SparseCode, W_dec: Tensor, decoder_row_norms: Tensor | None = None) -> Tensor:
@@ -236,8 +248,8 @@ def auxk_code(encoding: RoutedEncoding, dead_latents: Tensor, k_aux: int) -> Spa
     which is what the load-balancing loss already encourages.
     """
     experts = encoding.routing.experts
-    n_active = experts.shape[1]
-    expert_width = encoding.candidates.shape[1] // n_active
+    n_active_experts = experts.shape[1]
+    expert_width = encoding.candidates.shape[1] // n_active_experts
     local = torch.arange(expert_width, device=experts.device)
     candidate_latents = (experts.unsqueeze(-1) * expert_width + local).flatten(1)
     masked = torch.where(dead_latents[candidate_latents], encoding.candidates, -torch.inf)

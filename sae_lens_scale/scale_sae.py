@@ -2,15 +2,21 @@
 outputs weighted by router probability, and Feature Scaling of each expert's encoder during training."""
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
+import torch
+from torch import Tensor, nn
 from typing_extensions import override
 
 from sae_lens_scale.routed_sae import RoutedSAE, RoutedSAEConfig, RoutedTrainingSAE, RoutedTrainingSAEConfig
+from sae_lens_scale.validation import require_choice
+
+FeatureScaling = Literal["mean", "none"]
 
 
 @dataclass
 class ScaleSAEConfig(RoutedSAEConfig):
-    """Inference config of a Scale SAE.
+    """Inference config of a Scale SAE; Feature Scaling is folded into W_enc, so it has no field here.
 
     Args:
         n_active_experts: experts each token is routed to (e); the global top-k runs over their e * m latents.
@@ -25,27 +31,36 @@ class ScaleSAEConfig(RoutedSAEConfig):
 
 
 class ScaleSAE(RoutedSAE[ScaleSAEConfig]):
-    """Inference Scale SAE. Feature Scaling is already folded into W_enc."""
+    """Inference Scale SAE."""
 
 
 @dataclass(kw_only=True)
-class ScaleTrainingSAEConfig(RoutedTrainingSAEConfig):
-    """Training config of a Scale SAE.
+class ScaleTrainingSAEConfig(ScaleSAEConfig, RoutedTrainingSAEConfig):
+    """Training config of a Scale SAE: the inference fields, the routed training losses and Feature Scaling.
 
     Args:
-        n_active_experts: experts each token is routed to (e); the global top-k runs over their e * m latents.
         feature_scaling: "mean" trains a per-expert omega that amplifies each encoder column's deviation from its
             expert's mean column (the paper's default); "none" trains a plain encoder.
     """
 
-    n_active_experts: int = 2
-    feature_scaling: str = "mean"
+    feature_scaling: FeatureScaling = "mean"
 
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return "scale"
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_choice(self, "feature_scaling", get_args(FeatureScaling))
 
 
 class ScaleTrainingSAE(RoutedTrainingSAE[ScaleTrainingSAEConfig]):
     """Training Scale SAE; exports to ScaleSAE with omega folded into W_enc."""
+
+    omega: nn.Parameter
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        if self.cfg.feature_scaling == "mean":
+            self.omega = nn.Parameter(torch.zeros(self.cfg.n_experts, dtype=self.dtype, device=self.device))
+
+    @override
+    def feature_scaling_omega(self) -> Tensor | None:
+        return self.omega if self.cfg.feature_scaling == "mean" else None

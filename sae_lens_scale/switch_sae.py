@@ -6,15 +6,22 @@ from dataclasses import dataclass
 from typing_extensions import override
 
 from sae_lens_scale.routed_sae import RoutedSAE, RoutedSAEConfig, RoutedTrainingSAE, RoutedTrainingSAEConfig
+from sae_lens_scale.validation import fail
 
 
 @dataclass
 class SwitchSAEConfig(RoutedSAEConfig):
     """Inference config of a Switch SAE: ``n_experts`` experts, one per token, ``k`` latents inside it."""
 
-    @property
-    def n_active_experts(self) -> int:
-        return 1
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_active_experts != 1:
+            fail(
+                self,
+                "n_active_experts",
+                "must be 1: a Switch SAE routes each token to one expert; for several, use a Scale SAE "
+                "(ScaleSAEConfig / ScaleTrainingSAEConfig)",
+            )
 
     @override
     @classmethod
@@ -27,21 +34,8 @@ class SwitchSAE(RoutedSAE[SwitchSAEConfig]):
 
 
 @dataclass(kw_only=True)
-class SwitchTrainingSAEConfig(RoutedTrainingSAEConfig):
-    """Training config of a Switch SAE: ``n_experts`` experts, one per token, ``k`` latents inside it."""
-
-    @property
-    def n_active_experts(self) -> int:
-        return 1
-
-    @property
-    def feature_scaling(self) -> str:
-        return "none"
-
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return "switch"
+class SwitchTrainingSAEConfig(SwitchSAEConfig, RoutedTrainingSAEConfig):
+    """Training config of a Switch SAE: the inference fields plus the routed training losses."""
 
 
 class SwitchTrainingSAE(RoutedTrainingSAE[SwitchTrainingSAEConfig]):

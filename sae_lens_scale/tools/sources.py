@@ -10,9 +10,9 @@ from datasets import Dataset
 from sae_lens import HookedSAETransformer
 from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
 from tqdm import tqdm
-from transformer_lens.hook_points import HookedRootModule
+from transformer_lens import HookedTransformer
 
-from sae_lens_scale.offline import (
+from sae_lens_scale.tools.offline import (
     CORPORA,
     SMOLLM2_MODEL_NAME,
     TokenSplits,
@@ -29,7 +29,7 @@ class HubUnavailable(RuntimeError):
     """A non-bundled model or dataset was asked for and the Hugging Face Hub cannot be reached."""
 
 
-def load_model(name: str) -> tuple[HookedRootModule, Any]:
+def load_model(name: str) -> tuple[HookedTransformer, Any]:
     """The bundled SmolLM2 offline, else a TransformerLens model by name (which needs the Hugging Face Hub)."""
     if name == BUNDLED_MODEL:
         return load_smollm2_hooked()
@@ -70,7 +70,7 @@ def token_splits(
 
 @torch.no_grad()
 def hook_activations(
-    model: HookedRootModule, rows: Dataset, hook: str, rows_per_batch: int = 32, dtype: torch.dtype | None = None
+    model: HookedTransformer, rows: Dataset, hook: str, rows_per_batch: int = 32, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """``[n_rows * context, d]`` activations at ``hook``, running the model only up to the hooked block.
 

@@ -17,8 +17,8 @@ from sae_lens import HookedSAETransformer
 from sae_lens.evals import get_special_token_ids
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from sae_lens_scale import offline
-from sae_lens_scale.offline import (
+from sae_lens_scale.tools import offline
+from sae_lens_scale.tools.offline import (
     MissingOfflineAsset,
     build_token_dataset,
     default_cache_dir,
@@ -53,14 +53,16 @@ def marker_documents(n: int) -> list[str]:
 
 
 def markers_in(rows: list[list[int]], tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    return {int(match) for match in MARKER.findall(tokenizer.decode([token for row in rows for token in row]))}
+    text = tokenizer.decode([token for row in rows for token in row])
+    assert isinstance(text, str)
+    return {int(match) for match in MARKER.findall(text)}
 
 
 def hide_packages(*hidden: str) -> Callable[..., ModuleSpec | None]:
     real_find_spec = importlib.util.find_spec
 
-    def find_spec(name: str, *args: object) -> ModuleSpec | None:
-        return None if name in hidden else real_find_spec(name, *args)
+    def find_spec(name: str, package: str | None = None) -> ModuleSpec | None:
+        return None if name in hidden else real_find_spec(name, package)
 
     return find_spec
 
@@ -95,6 +97,7 @@ def test_cache_dir_comes_from_env_var_else_home(monkeypatch: pytest.MonkeyPatch,
     assert default_cache_dir() == Path.home() / ".cache" / "sae-lens-scale"
 
 
+@pytest.mark.slow
 def test_cold_cache_is_written_atomically_and_reused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     exports: list[Path] = []
 
@@ -119,6 +122,7 @@ def test_cold_cache_is_written_atomically_and_reused(monkeypatch: pytest.MonkeyP
     assert (folder / "config.json").read_text() == "{}"
 
 
+@pytest.mark.slow
 def test_warm_load_never_reads_the_gguf_file(monkeypatch: pytest.MonkeyPatch) -> None:
     smollm2_hf_dir()  # make sure the cache is warm
 
@@ -130,12 +134,14 @@ def test_warm_load_never_reads_the_gguf_file(monkeypatch: pytest.MonkeyPatch) ->
     assert model.cfg.n_layers == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_layers", [0, 31])
 def test_n_layers_out_of_range_is_rejected(n_layers: int) -> None:
     with pytest.raises(ValueError, match=f"n_layers={n_layers} is out of range"):
         load_smollm2_hf(n_layers=n_layers)
 
 
+@pytest.mark.slow
 def test_hooked_config_is_read_from_the_real_checkpoint() -> None:
     model, _ = load_smollm2_hooked(n_layers=2)
     cfg = model.cfg
@@ -145,6 +151,7 @@ def test_hooked_config_is_read_from_the_real_checkpoint() -> None:
     assert cfg.gated_mlp and cfg.act_fn == "silu" and not cfg.default_prepend_bos
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_layers", [3, None])
 def test_hooked_transformer_matches_hugging_face(n_layers: int | None) -> None:
     """Same logits and loss as the HF model, full depth and cut to 3 blocks; residual hooks equal HF hidden states."""
@@ -167,9 +174,11 @@ def test_hooked_transformer_matches_hugging_face(n_layers: int | None) -> None:
         assert loss < 3.0, f"a real LM predicts English far better than uniform ({math.log(49152):.1f} nats)"
 
 
+@pytest.mark.slow
 def test_hooked_model_tokenizes_like_the_plain_tokenizer_and_serves_sae_lens_evals() -> None:
     model, tokenizer = load_smollm2_hooked(n_layers=1)
     assert torch.equal(model.to_tokens(SENTENCE), tokenizer(SENTENCE, return_tensors="pt").input_ids)
+    assert model.tokenizer is not None
     special = get_special_token_ids(model.tokenizer)
     assert tokenizer.eos_token_id in special and tokenizer.bos_token_id in special
 
@@ -214,6 +223,7 @@ def test_split_documents_is_disjoint_and_keeps_one_per_side(fraction: float, n_h
     assert sorted(splits.train + splits.heldout, key=int) == texts
 
 
+@pytest.mark.slow
 def test_token_rows_are_full_length_and_splits_share_no_document(tokenizer: PreTrainedTokenizerBase) -> None:
     documents = marker_documents(20)
     context = 32
@@ -234,6 +244,7 @@ def test_token_rows_are_full_length_and_splits_share_no_document(tokenizer: PreT
     assert train | heldout == set(range(20))
 
 
+@pytest.mark.slow
 def test_token_dataset_is_deterministic_for_a_seed(tokenizer: PreTrainedTokenizerBase) -> None:
     documents = marker_documents(20)
     first = build_token_dataset(tokenizer, documents, 32, 0.25, seed=7)
@@ -244,6 +255,7 @@ def test_token_dataset_is_deterministic_for_a_seed(tokenizer: PreTrainedTokenize
     assert markers_in(first.heldout["input_ids"], tokenizer) != markers_in(other.heldout["input_ids"], tokenizer)
 
 
+@pytest.mark.slow
 def test_max_tokens_caps_each_split_of_a_real_corpus(tokenizer: PreTrainedTokenizerBase) -> None:
     splits = build_token_dataset(tokenizer, load_corpus("python-docs"), 128, 0.1, max_tokens=4100)
     assert splits.train.column_names == ["input_ids"]
@@ -262,6 +274,7 @@ def test_max_tokens_caps_each_split_of_a_real_corpus(tokenizer: PreTrainedTokeni
         ({"max_tokens": 8}, "max_tokens=8 is below context_size=16"),
     ],
 )
+@pytest.mark.slow
 def test_bad_dataset_arguments_are_named(
     tokenizer: PreTrainedTokenizerBase, kwargs: dict[str, object], message: str
 ) -> None:

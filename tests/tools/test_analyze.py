@@ -8,8 +8,10 @@ import torch
 from sae_lens.saes.sae import SAEMetadata
 
 from sae_lens_scale import ScaleTrainingSAE, ScaleTrainingSAEConfig, metrics
-from sae_lens_scale.analyze import AnalyzeConfig, load_sae, run_analysis
-from sae_lens_scale.cli import main
+from sae_lens_scale.hub import load_sae
+from sae_lens_scale.tools.analyze import AnalyzeConfig, run_analysis
+
+pytestmark = pytest.mark.slow
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -37,7 +39,7 @@ def test_analyze_writes_json_and_plots_that_match_the_metrics(tmp_path: Path, tr
     saved = json.loads((tmp_path / "out" / "analysis.json").read_text())
     assert saved == json.loads(json.dumps(result))
     assert (result["hook"], result["model"], result["tokens"]) == (HOOK, "smollm2-135m", 1024)
-    expected = metrics.feature_redundancy(load_sae(str(tmp_path / "sae"), None))
+    expected = metrics.feature_redundancy(load_sae(tmp_path / "sae"))
     assert saved["redundancy"]["fraction_above"]["0.9"] == expected.fraction_above[0.9]
     assert saved["redundancy"]["fraction_above"]["0.9"] >= 2 / 1152
     assert sum(result["expert_usage"]["counts"]) == 1024 * 2
@@ -46,8 +48,3 @@ def test_analyze_writes_json_and_plots_that_match_the_metrics(tmp_path: Path, tr
         assert result["omega"] == pytest.approx(sae.omega.tolist())
     else:
         assert "omega" not in result  # folded into W_enc by the export
-
-
-def test_analyze_cli_reports_bad_paths_clearly(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert main(["analyze", str(tmp_path / "missing"), "--output", str(tmp_path)]) == 1
-    assert "is not a folder; to load from the Hub, pass the repo as PATH and --sae-id ID" in capsys.readouterr().err

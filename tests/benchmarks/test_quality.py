@@ -5,10 +5,11 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 ROW_KEYS = {
     "name",
     "family",
@@ -29,8 +30,9 @@ ROW_KEYS = {
 }
 
 
-def load_quality_module():
+def load_quality_module() -> Any:
     spec = importlib.util.spec_from_file_location("quality", BENCHMARKS / "quality.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -43,6 +45,7 @@ def check_summary(summary: list[dict]) -> None:
         assert all(isinstance(value, (int, float)) and math.isfinite(value) for value in numbers), row
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_a_well_formed_result(tmp_path: Path) -> None:
     quality = load_quality_module()
     cfg = quality.QualityConfig(train_tokens=8192, heldout_tokens=1024, d_sae=1152, k=16, seeds=(0, 1), ce_batches=1)

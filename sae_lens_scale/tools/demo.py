@@ -12,11 +12,14 @@ block instead of running all 30.
 """
 
 import json
+import logging
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from datasets import Dataset
@@ -24,14 +27,49 @@ from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETraining
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
-from transformer_lens.hook_points import HookedRootModule, HookPoint
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
 
 from sae_lens_scale import metrics
-from sae_lens_scale.offline import SMOLLM2_MODEL_NAME
 from sae_lens_scale.routed_sae import RoutedTrainingSAEConfig
-from sae_lens_scale.scale_sae import ScaleTrainingSAEConfig
-from sae_lens_scale.sources import BUNDLED_MODEL, hook_activations, load_model, token_splits
+from sae_lens_scale.scale_sae import FeatureScaling, ScaleTrainingSAEConfig
 from sae_lens_scale.switch_sae import SwitchTrainingSAEConfig
+from sae_lens_scale.tools import plots
+from sae_lens_scale.tools.offline import SMOLLM2_MODEL_NAME
+from sae_lens_scale.tools.sources import BUNDLED_MODEL, hook_activations, load_model, token_splits
+from sae_lens_scale.validation import fail, require_choice, require_int, require_number
+
+Architecture = Literal["scale", "switch"]
+STORE_BATCH_PROMPTS = 16
+BUFFER_BATCHES = 64
+SAE_LENS_OVERRIDE_NOTICE = "You just passed in a"
+
+
+@contextmanager
+def expected_sae_lens_notices_hidden() -> Iterator[None]:
+    """Hide the SAELens notices that this offline setup triggers by design, and nothing else.
+
+    - The runner logs that a dataset and a model passed to it override the config's names, so the run is not
+      reproducible from the config alone. The demo passes both on purpose (they come from local registry packages,
+      not the Hub), and summary.json records them.
+    - The activation store compares the dataset's number of ROWS with the number of TOKENS to train on, and warns of
+      repeated epochs that do not happen (the demo passes more text than it trains on).
+    - It builds each row with ``torch.tensor(row)`` from a row that its own ``set_format("torch")`` already made a
+      tensor, which torch warns about.
+    """
+
+    def not_an_override_notice(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(SAE_LENS_OVERRIDE_NOTICE)
+
+    sae_lens_logger = logging.getLogger("sae_lens")
+    sae_lens_logger.addFilter(not_an_override_notice)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The training dataset contains fewer samples", UserWarning)
+            warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning, r"sae_lens\.")
+            yield
+    finally:
+        sae_lens_logger.removeFilter(not_an_override_notice)
 
 
 @dataclass
@@ -43,32 +81,64 @@ class DemoConfig:
     """
 
     model: str = BUNDLED_MODEL
+    """TransformerLens model name; smollm2-135m is bundled and works offline, any other downloads from the Hub"""
     hook: str = "blocks.6.hook_resid_post"
+    """hook point whose activations the SAE reconstructs"""
     dataset: str = "shakespeare"
-    architecture: str = "scale"
+    """a bundled corpus (shakespeare, python-docs) or a Hugging Face dataset path"""
+    architecture: Architecture = "scale"
+    """routed SAE architecture"""
     n_experts: int = 16
-    active_experts: int = 2
+    """experts; d_sae is split into n_experts equal blocks of latents"""
+    n_active_experts: int | None = None
+    """experts each token is routed to (default: 2 for scale; switch always uses 1)"""
     k: int = 32
+    """active latents per token"""
     d_sae: int = 4608
+    """total latents"""
+    feature_scaling: FeatureScaling = "mean"
+    """Scale only: 'mean' trains a per-expert omega, 'none' a plain encoder"""
     training_tokens: int = 300_000
+    """tokens to train on"""
     context_size: int = 128
+    """tokens per dataset row"""
     batch_size_tokens: int = 1024
+    """tokens per training step"""
     lr: float = 1e-3
+    """Adam learning rate"""
     heldout_fraction: float = 0.1
+    """fraction of the dataset's documents held out for evaluation"""
     eval_batches: int = 4
+    """run_evals batches of 8 prompts on the held-out split"""
     seed: int = 0
+    """seed for the SAE's init and the document split"""
     output: str = "sae-lens-scale-demo"
+    """folder for the SAE, summary.json and plots"""
+
+    def __post_init__(self) -> None:
+        require_choice(self, "architecture", get_args(Architecture))
+        require_choice(self, "feature_scaling", get_args(FeatureScaling))
+        for name in ("n_experts", "k", "d_sae", "context_size", "eval_batches"):
+            require_int(self, name, minimum=1)
+        if self.n_active_experts is not None:
+            require_int(self, "n_active_experts", minimum=1)
+        require_int(self, "batch_size_tokens", minimum=self.context_size)
+        require_int(self, "training_tokens", minimum=self.batch_size_tokens)
+        require_number(self, "lr", minimum=0.0)
+        if not 0 < self.heldout_fraction < 1:
+            fail(self, "heldout_fraction", "must lie strictly between 0 and 1, e.g. 0.1")
+        if self.architecture == "switch" and self.n_active_experts not in (None, 1):
+            fail(self, "n_active_experts", "must be 1 with architecture='switch'; use architecture='scale' for more")
 
 
 def sae_config(cfg: DemoConfig, d_in: int) -> RoutedTrainingSAEConfig:
     common: dict[str, Any] = dict(
         d_in=d_in, d_sae=cfg.d_sae, n_experts=cfg.n_experts, k=cfg.k, normalize_activations="expected_average_only_in"
     )
-    if cfg.architecture == "scale":
-        return ScaleTrainingSAEConfig(n_active_experts=cfg.active_experts, **common)
     if cfg.architecture == "switch":
         return SwitchTrainingSAEConfig(**common)
-    raise ValueError(f"architecture={cfg.architecture!r} is not 'scale' or 'switch'.")
+    n_active_experts = 2 if cfg.n_active_experts is None else cfg.n_active_experts
+    return ScaleTrainingSAEConfig(n_active_experts=n_active_experts, feature_scaling=cfg.feature_scaling, **common)
 
 
 def runner_config(cfg: DemoConfig, d_in: int, output: Path) -> LanguageModelSAERunnerConfig[Any]:
@@ -84,14 +154,16 @@ def runner_config(cfg: DemoConfig, d_in: int, output: Path) -> LanguageModelSAER
         sequence_separator_token=None,
         training_tokens=cfg.training_tokens,
         train_batch_size_tokens=cfg.batch_size_tokens,
-        store_batch_size_prompts=16,
-        n_batches_in_buffer=64,
+        store_batch_size_prompts=STORE_BATCH_PROMPTS,
+        n_batches_in_buffer=BUFFER_BATCHES,
         lr=cfg.lr,
         lr_warm_up_steps=cfg.training_tokens // cfg.batch_size_tokens // 20,
         lr_decay_steps=cfg.training_tokens // cfg.batch_size_tokens // 5,
         feature_sampling_window=max(1, cfg.training_tokens // cfg.batch_size_tokens // 2),
         dead_feature_window=max(1, cfg.training_tokens // cfg.batch_size_tokens // 4),
         n_batches_for_norm_estimate=10,
+        # The bundled model is built from local weights, not loaded with from_pretrained: no kwargs to record.
+        model_from_pretrained_kwargs={} if cfg.model == BUNDLED_MODEL else None,
         device="cpu",
         seed=cfg.seed,
         checkpoint_path=str(output / "checkpoints"),
@@ -113,7 +185,7 @@ class LossRecorder:
         self._sae_in: torch.Tensor | None = None
 
     @property
-    def fwd_hooks(self) -> list[tuple[str, Callable[..., None]]]:
+    def fwd_hooks(self) -> list[tuple[str | Callable[..., Any], Callable[..., Any]]]:
         return [("hook_sae_input", self._keep_input), ("hook_sae_recons", self._record)]
 
     def _keep_input(self, sae_in: torch.Tensor, hook: HookPoint) -> None:
@@ -126,7 +198,7 @@ class LossRecorder:
 
 def evaluate(
     sae: SAE[Any],
-    model: HookedRootModule,
+    model: HookedTransformer,
     runner_cfg: LanguageModelSAERunnerConfig[Any],
     heldout: Dataset,
     batches: int,
@@ -148,19 +220,6 @@ def evaluate(
     return scalars
 
 
-def plot_loss_curve(losses: list[float], path: Path) -> Path:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 3.5))
-    axes = figure.subplots()
-    axes.plot(range(1, len(losses) + 1), losses, linewidth=1)
-    axes.set(xlabel="training step", ylabel="per-token SSE (normalised activations)", yscale="log")
-    axes.set_title("Training reconstruction loss")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    return path
-
-
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Train, evaluate, save, reload and plot; returns the summary it also writes to ``summary.json``."""
     started = time.perf_counter()
@@ -170,34 +229,37 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     model, tokenizer = load_model(cfg.model)
     loaded_at = time.perf_counter()
     heldout_tokens = cfg.eval_batches * 8 * cfg.context_size * 4  # run_evals reads 8-prompt batches, 4 times
+    # The activation store reads up to two buffers ahead of the trainer; with that much text it never starts over.
+    read_ahead = 2 * BUFFER_BATCHES * STORE_BATCH_PROMPTS * cfg.context_size
     train, heldout = token_splits(
         tokenizer,
         cfg.dataset,
         cfg.context_size,
         cfg.heldout_fraction,
         seed=cfg.seed,
-        max_tokens=max(cfg.training_tokens, heldout_tokens),
+        max_tokens=max(cfg.training_tokens + read_ahead, heldout_tokens),
     )
     runner_cfg = runner_config(cfg, model.cfg.d_model, output)
-    runner = LanguageModelSAETrainingRunner(runner_cfg, override_dataset=train, override_model=model)
-    recorder = LossRecorder()
-    with runner.sae.hooks(fwd_hooks=recorder.fwd_hooks):
-        sae = runner.run()
-    trained_at = time.perf_counter()
+    with expected_sae_lens_notices_hidden():
+        runner = LanguageModelSAETrainingRunner(runner_cfg, override_dataset=train, override_model=model)
+        recorder = LossRecorder()
+        with runner.sae.hooks(fwd_hooks=recorder.fwd_hooks):
+            sae = runner.run()
+        trained_at = time.perf_counter()
 
-    sae.eval()
-    reloaded = SAE.load_from_disk(output / "sae")
-    activations = hook_activations(model, heldout.select(range(32)), cfg.hook)
-    with torch.no_grad():
-        reload_error = (reloaded(activations) - sae(activations)).abs().max().item()
-    evals = evaluate(reloaded, model, runner_cfg, heldout, cfg.eval_batches)
+        sae.eval()
+        reloaded = SAE.load_from_disk(output / "sae")
+        activations = hook_activations(model, heldout.select(range(32)), cfg.hook)
+        with torch.no_grad():
+            reload_error = (reloaded(activations) - sae(activations)).abs().max().item()
+        evals = evaluate(reloaded, model, runner_cfg, heldout, cfg.eval_batches)
     redundancy = metrics.feature_redundancy(reloaded)
     similarity = metrics.activation_similarity(reloaded, activations)
     usage = metrics.expert_usage(reloaded, activations)
-    plots = [
-        plot_loss_curve(recorder.losses, output / "loss_curve.png"),
-        metrics.plot_expert_usage_cdf({cfg.architecture: usage}, output / "expert_usage.png"),
-        metrics.plot_max_cosine_histogram({cfg.architecture: redundancy}, output / "max_cosine.png"),
+    plot_paths = [
+        plots.plot_loss_curve(recorder.losses, output / "loss_curve.png"),
+        plots.plot_expert_usage_cdf({cfg.architecture: usage}, output / "expert_usage.png"),
+        plots.plot_max_cosine_histogram({cfg.architecture: redundancy}, output / "max_cosine.png"),
     ]
     summary = dict(
         config=asdict(cfg),
@@ -226,7 +288,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         training_s=trained_at - loaded_at,
         total_s=time.perf_counter() - started,
         saved_to=str(output / "sae"),
-        plots=[str(path) for path in plots],
+        plots=[str(path) for path in plot_paths],
     )
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -249,7 +311,8 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("explained variance", f"{summary['explained_variance']:.3f}"),
         (
             "CE loss clean / SAE / zero-ablated",
-            f"{summary['ce_loss_without_sae']:.3f} / {summary['ce_loss_with_sae']:.3f} / {summary['ce_loss_with_ablation']:.3f}",
+            f"{summary['ce_loss_without_sae']:.3f} / {summary['ce_loss_with_sae']:.3f} / "
+            f"{summary['ce_loss_with_ablation']:.3f}",
         ),
         ("loss recovered (CE score)", f"{summary['ce_loss_score']:.3f}"),
         ("L0", f"{summary['l0']:.1f}"),
@@ -278,5 +341,7 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _describe(cfg: dict[str, Any]) -> str:
-    experts = f"{cfg['n_experts']} experts" + (f", e={cfg['active_experts']}" if cfg["architecture"] == "scale" else "")
+    experts = f"{cfg['n_experts']} experts"
+    if cfg["architecture"] == "scale":
+        experts += f", n_active_experts={cfg['n_active_experts'] or 2}, feature_scaling={cfg['feature_scaling']}"
     return f"{cfg['architecture']} d_sae={cfg['d_sae']}, {experts}, k={cfg['k']}"

@@ -1,0 +1,76 @@
+"""Registration with SAELens, and what ``import sae_lens_scale`` costs."""
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+import sae_lens_scale
+from sae_lens_scale import (
+    ArchitectureConflictError,
+    ScaleSAE,
+    ScaleSAEConfig,
+    SwitchTrainingSAE,
+    SwitchTrainingSAEConfig,
+)
+
+PACKAGE = Path(sae_lens_scale.__file__).parent
+
+
+def test_registration_is_idempotent_and_inference_first() -> None:
+    assert SAE_CLASS_REGISTRY["scale"] == (ScaleSAE, ScaleSAEConfig)
+    assert SAE_TRAINING_CLASS_REGISTRY["switch"] == (SwitchTrainingSAE, SwitchTrainingSAEConfig)
+    before = (dict(SAE_CLASS_REGISTRY), dict(SAE_TRAINING_CLASS_REGISTRY))
+    sae_lens_scale.register()
+    sae_lens_scale.register()
+    assert before == (SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY)
+
+
+@pytest.fixture
+def foreign_scale() -> Iterator[None]:
+    """Another package's class under the name "scale", restored afterwards."""
+    ours = SAE_CLASS_REGISTRY["scale"]
+    SAE_CLASS_REGISTRY["scale"] = (TopKSAE, TopKSAEConfig)
+    yield
+    SAE_CLASS_REGISTRY["scale"] = ours
+
+
+def test_registration_refuses_a_name_another_package_holds(foreign_scale: None) -> None:
+    with pytest.raises(
+        ArchitectureConflictError,
+        match=r"architecture 'scale' registered as sae_lens\.saes\.topk_sae\.TopKSAE .*cannot register "
+        r"sae_lens_scale\.scale_sae\.ScaleSAE",
+    ):
+        sae_lens_scale.register()
+    assert SAE_CLASS_REGISTRY["scale"] == (TopKSAE, TopKSAEConfig)  # the other package's class is left in place
+
+
+def test_import_loads_nothing_that_sae_lens_does_not_already_load() -> None:
+    """Checked in a fresh interpreter: the plugin must not pull plotting, GGUF or the tools' packages."""
+    script = (
+        "import json, sys\n"
+        "import sae_lens\n"
+        "before = set(sys.modules)\n"
+        "import sae_lens_scale\n"
+        "print(json.dumps(sorted({name.split('.')[0] for name in set(sys.modules) - before})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(result.stdout.splitlines()[-1]) == ["sae_lens_scale"]
+
+
+def test_the_core_does_not_import_its_tools() -> None:
+    """Not even the modules ``import sae_lens_scale`` leaves out (``hub``, ``metrics``, ``flops``)."""
+    tools_import = re.compile(r"^\s*(from|import) sae_lens_scale\.tools", re.MULTILINE)
+    core = sorted(PACKAGE.glob("*.py"))
+    assert len(core) >= 8 and not [path.name for path in core if tools_import.search(path.read_text())]
+
+
+def test_no_module_reads_stack_frames() -> None:
+    frame_access = re.compile(r"currentframe|f_locals|_getframe|f_back")
+    assert not [str(path) for path in PACKAGE.rglob("*.py") if frame_access.search(path.read_text())]

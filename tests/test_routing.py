@@ -1,0 +1,128 @@
+"""The engine's pieces against hand-worked answers, and its autograd Functions against finite differences."""
+
+import pytest
+import torch
+
+from sae_lens_scale.routing import (
+    MIN_ROW_NORM,
+    RoutedEncoding,
+    Routing,
+    SparseCode,
+    _RoutedExpertMatmul,
+    auxk_code,
+    dense_acts,
+    feature_scaled_encoder,
+    global_topk,
+    group_by_expert,
+    load_balance_loss,
+    routed_preactivations,
+    row_norms,
+    sparse_decode,
+    unit_rows,
+)
+
+
+def test_group_by_expert_sorts_assignments_stably_and_counts_them() -> None:
+    experts = torch.tensor([[2, 0], [1, 2], [0, 1]])  # assignment ids 0..5, token-major
+    groups = group_by_expert(experts, n_experts=4)
+    assert groups.order.tolist() == [1, 4, 2, 5, 0, 3]  # expert 0: ids 1, 4; expert 1: 2, 5; expert 2: 0, 3
+    assert groups.counts == [2, 2, 2, 0]
+    assert torch.equal(groups.order[groups.unsort], torch.arange(6))
+
+
+def test_global_topk_picks_across_experts_gates_and_relus() -> None:
+    # One token, routed to experts 3 (gate 0.6) and 1 (gate 0.3), m = 3 latents each.
+    routing = Routing(probs=torch.zeros(1, 4), experts=torch.tensor([[3, 1]]), gates=torch.tensor([[0.6, 0.3]]))
+    candidates = torch.tensor([[1.0, -2.0, 5.0, 4.0, 0.5, -1.0]])
+    code = global_topk(candidates, routing, k=5)
+    found = dict(zip(code.latents[0].tolist(), code.acts[0].tolist(), strict=True))
+    # winners: 5.0 (expert 3, local 2), 4.0 (expert 1, local 0), 1.0 (expert 3, local 0), 0.5 (expert 1, local 1),
+    # -1.0 (expert 1, local 2: ReLU gives 0)
+    expected = {11: 0.6 * 5.0, 3: 0.3 * 4.0, 9: 0.6 * 1.0, 4: 0.3 * 0.5, 5: 0.0}
+    assert found.keys() == expected.keys()
+    for latent, act in expected.items():
+        assert found[latent] == pytest.approx(act)
+
+
+def test_routed_expert_matmul_passes_gradcheck_with_an_empty_expert() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    W_enc = torch.randn(4, 12, dtype=torch.float64, generator=generator, requires_grad=True)  # 4 experts of 3
+    experts = torch.tensor([[0, 2], [2, 1], [0, 1], [2, 0], [1, 2]])  # expert 3 gets no token
+    groups = group_by_expert(experts, n_experts=4)
+    assert groups.counts[3] == 0
+    assert torch.autograd.gradcheck(lambda x, W: _RoutedExpertMatmul.apply(x, W, groups), (x, W_enc))
+
+    out = _RoutedExpertMatmul.apply(x, W_enc, groups)
+    plain = torch.stack([torch.stack([x[t] @ W_enc[:, 3 * e : 3 * e + 3] for e in experts[t]]) for t in range(5)])
+    torch.testing.assert_close(out.view(5, 2, 3), plain, rtol=0, atol=1e-14)
+    out.sum().backward()
+    assert W_enc.grad is not None and torch.count_nonzero(W_enc.grad.view(4, 4, 3)[:, 3]) == 0
+
+
+def test_row_norms_pass_gradcheck_and_stay_finite_on_a_zero_row() -> None:
+    W = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    assert torch.autograd.gradcheck(row_norms, (W,))
+
+    with torch.no_grad():
+        W[2] = 0
+    norms = row_norms(W)
+    assert norms[2] == MIN_ROW_NORM
+    (W / norms.unsqueeze(1)).sum().backward()
+    assert W.grad is not None and torch.isfinite(W.grad).all()
+    assert torch.count_nonzero(W.grad[2]) > 0  # a dead row still learns through its own entries
+    torch.testing.assert_close(unit_rows(W.detach())[2], torch.zeros(5, dtype=torch.float64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("normalised", [False, True])
+def test_sparse_decode_equals_dense_product(normalised: bool) -> None:
+    generator = torch.Generator().manual_seed(2)
+    W_dec = torch.randn(20, 7, dtype=torch.float64, generator=generator)
+    W_dec[4] = 0  # a zero row decodes to nothing, never to NaN
+    code = SparseCode(
+        latents=torch.tensor([[4, 0, 19], [3, 4, 5]]),
+        acts=torch.rand(2, 3, dtype=torch.float64, generator=generator),
+    )
+    norms = row_norms(W_dec) if normalised else None
+    decoder = unit_rows(W_dec) if normalised else W_dec
+    expected = dense_acts(code, 20) @ decoder
+    torch.testing.assert_close(sparse_decode(code, W_dec, norms), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_load_balance_loss_is_one_when_balanced_and_n_when_collapsed() -> None:
+    n_experts = 4
+    uniform = torch.full((8, n_experts), 1 / n_experts)
+    balanced = Routing(uniform, torch.arange(8).remainder(n_experts).unsqueeze(1), uniform[:, :1])
+    assert load_balance_loss(balanced).item() == pytest.approx(1.0)
+    onehot = torch.zeros(8, n_experts)
+    onehot[:, 2] = 1
+    collapsed = Routing(onehot, torch.full((8, 1), 2), onehot[:, 2:3])
+    assert load_balance_loss(collapsed).item() == pytest.approx(n_experts)
+
+
+def test_auxk_code_takes_the_largest_dead_candidates_only() -> None:
+    routing = Routing(torch.zeros(1, 3), torch.tensor([[2, 0]]), torch.tensor([[0.5, 0.25]]))
+    candidates = torch.tensor([[9.0, 3.0, 2.0, 8.0]])  # expert 2: latents 4, 5; expert 0: latents 0, 1
+    dead = torch.tensor([True, True, False, False, True, False])
+    code = auxk_code(RoutedEncoding(routing, candidates, global_topk(candidates, routing, 1)), dead, k_aux=2)
+    found = dict(zip(code.latents[0].tolist(), code.acts[0].tolist(), strict=True))
+    assert found == {4: 0.5 * 9.0, 1: 0.25 * 8.0}  # latent 5 is alive; latent 0 is dead but smaller
+
+
+def test_feature_scaling_on_candidates_equals_the_scaled_encoder() -> None:
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, dtype=torch.float64, generator=generator)
+    W_enc = torch.randn(5, 12, dtype=torch.float64, generator=generator)
+    b_enc = torch.randn(12, dtype=torch.float64, generator=generator)
+    omega = torch.tensor([0.5, -0.2, 1.5], dtype=torch.float64)
+    experts = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0], [1, 2]])
+    scaled = feature_scaled_encoder(W_enc, omega)
+    for expert in range(3):
+        block = W_enc[:, 4 * expert : 4 * expert + 4]
+        mean = block.mean(dim=1, keepdim=True)
+        torch.testing.assert_close(scaled[:, 4 * expert : 4 * expert + 4], mean + (1 + omega[expert]) * (block - mean))
+    fast = routed_preactivations(x, W_enc, b_enc, experts, 3, omega).view(6, 2, 4)
+    for token in range(6):
+        for slot, expert in enumerate(experts[token].tolist()):
+            block = slice(4 * expert, 4 * expert + 4)
+            torch.testing.assert_close(fast[token, slot], x[token] @ scaled[:, block] + b_enc[block])
