@@ -18,7 +18,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 from sae_lens.constants import SAE_WEIGHTS_FILENAME
@@ -56,12 +56,14 @@ from sae_lens_scale.validation import (
     WeightsMismatchError,
     check_state_dict,
     fail,
+    require_choice,
     require_int,
     require_number,
     validate_routed_shape,
 )
 
 UNIT_NORM_TOLERANCE = 1e-4
+BiasInit = Literal["geometric_median", "mean", "none"]
 
 
 @dataclass
@@ -241,12 +243,17 @@ class RoutedTrainingSAEConfig(RoutedSAEConfig, TrainingSAEConfig):
             below it, since otherwise a balanced router already exceeds it.
         router_collapse_window: consecutive training steps of collapsed routing after which a RuntimeWarning is
             raised (once per SAE); the streak is logged every logging step as ``routing/collapse_streak``.
+        bias_init: how ``b_dec`` and ``b_router`` are set from the first batch the trainer hands over (training
+            step 0; a resumed run starts later and keeps its biases): "geometric_median" (as both papers' trainers),
+            "mean", or "none" to keep them at zero. Both biases centre the input; at zero, the router and the
+            encoder see the activations' large mean direction. Use "none" to continue training loaded weights.
     """
 
     load_balance_coefficient: float = 3.0
     aux_loss_coefficient: float = 1.0
     router_collapse_fraction: float = 0.9
     router_collapse_window: int = 100
+    bias_init: BiasInit = "geometric_median"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -256,12 +263,20 @@ class RoutedTrainingSAEConfig(RoutedSAEConfig, TrainingSAEConfig):
         if not 0 < self.router_collapse_fraction <= 1:
             fail(self, "router_collapse_fraction", "must be in (0, 1]: it is a fraction of the batch's tokens")
         require_int(self, "router_collapse_window", minimum=1)
+        require_choice(self, "bias_init", get_args(BiasInit))
         if self.aux_loss_coefficient > 0 and self.normalize_activations in ("constant_norm_rescale", "layer_norm"):
             fail(
                 self,
                 "normalize_activations",
                 "cannot be combined with the AuxK loss, whose residual lives in the unnormalised space; "
                 "use 'none' or 'expected_average_only_in', or set aux_loss_coefficient=0",
+            )
+        if self.bias_init != "none" and self.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+            fail(
+                self,
+                "normalize_activations",
+                "normalises inside the SAE, so biases estimated from the raw batch would not centre what it encodes; "
+                "use 'none' or 'expected_average_only_in', or set bias_init='none'",
             )
 
 
@@ -335,7 +350,14 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         the step instead is not possible from here: the trainer calls Adam after this returns, and Adam moves the
         weights by its momentum even with zero gradients. So the step fails before backward, with the weights and
         optimizer state untouched, and the error says where the bad values are.
+
+        The first step (``n_training_steps == 0``) first sets the biases from its batch (``bias_init``): SAELens's
+        trainer has no other hook that sees data before training. A refused first step puts them back.
         """
+        biases_before = None
+        if step_input.n_training_steps == 0 and self.cfg.bias_init != "none":
+            biases_before = (self.b_dec.detach().clone(), self.b_router.detach().clone())
+            self.initialize_biases_from_data(step_input.sae_in)
         encoding = self.encode_routed(step_input.sae_in)
         feature_acts = self.hook_sae_acts_post(sparse_acts(encoding.code, self.cfg.d_sae))
         norms = self.decoder_row_norms()
@@ -345,11 +367,26 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         losses = {"mse_loss": mse_loss, **self.routed_losses(step_input, encoding, sae_out, norms)}
         loss = torch.stack(list(losses.values())).sum()
         if not torch.isfinite(loss):
+            if biases_before is not None:
+                with torch.no_grad():
+                    self.b_dec.copy_(biases_before[0])
+                    self.b_router.copy_(biases_before[1])
             raise self._non_finite_loss_error(step_input, losses)
         self._track_router_collapse(encoding)
         metrics = self._routing_metrics(encoding) if step_input.is_logging_step else {}
         # hidden_pre: the routed candidates, the only pre-activations that exist
         return TrainStepOutput(step_input.sae_in, sae_out, feature_acts, encoding.candidates, loss, losses, metrics)
+
+    @torch.no_grad()
+    def initialize_biases_from_data(self, sae_in: Tensor) -> None:
+        """Set ``b_dec`` and ``b_router`` to the ``bias_init`` centre of a batch ``[batch, d_in]``.
+
+        Computed in float64, once: squared distances of float32 activations can overflow.
+        """
+        points = sae_in.detach().reshape(-1, self.cfg.d_in).double()
+        centre = geometric_median(points) if self.cfg.bias_init == "geometric_median" else points.mean(0)
+        self.b_dec.copy_(centre)
+        self.b_router.copy_(centre)
 
     @torch.no_grad()
     def _non_finite_loss_error(self, step_input: TrainStepInput, losses: dict[str, Tensor]) -> FloatingPointError:
@@ -462,6 +499,19 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         except WeightsMismatchError as error:
             weights = Path(checkpoint_path) / SAE_WEIGHTS_FILENAME
             raise WeightsMismatchError(f"{weights}: {error} (the config is the resumed run's sae config)") from error
+
+
+def geometric_median(points: Tensor, n_iterations: int = 100) -> Tensor:
+    """The point of least summed Euclidean distance to the rows of ``points [n, d]`` (Weiszfeld's iteration).
+
+    Unlike the mean, it is not pulled towards the few activations of very large norm. A fixed number of iterations,
+    started at the mean, keeps it free of data-dependent host synchronisation; each one is a weighted mean.
+    """
+    median = points.mean(0)
+    for _ in range(n_iterations):
+        weights = 1 / torch.linalg.vector_norm(points - median, dim=1).clamp_min(1e-8)
+        median = weights @ points / weights.sum()
+    return median
 
 
 def _hooked(hook: HookPoint, flat: Tensor, leading: torch.Size) -> Tensor:

@@ -1,5 +1,6 @@
 """Registration with SAELens, and what ``import sae_lens_scale`` costs."""
 
+import importlib.metadata
 import json
 import re
 import subprocess
@@ -62,6 +63,18 @@ def test_import_loads_nothing_that_sae_lens_does_not_already_load() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
     assert json.loads(result.stdout.splitlines()[-1]) == ["sae_lens_scale"]
+
+
+def test_the_plugin_depends_only_on_what_it_imports() -> None:
+    """``pip install sae-lens-scale`` pulls no plotting, GGUF or tool packages; those are the ``demo`` extra.
+
+    Read from the installed distribution's metadata, which is what pip resolves.
+    """
+    requirements = importlib.metadata.requires("sae-lens-scale") or []
+    core = {re.split(r"[<>=\[; ]", requirement)[0] for requirement in requirements if "extra ==" not in requirement}
+    assert core == {"sae-lens", "torch", "transformer-lens", "safetensors", "huggingface-hub", "typing-extensions"}
+    demo = {re.split(r"[<>=\[; ]", requirement)[0] for requirement in requirements if 'extra == "demo"' in requirement}
+    assert {"gguf", "matplotlib", "datasets", "transformers", "simple-parsing"} <= demo
 
 
 def test_the_core_does_not_import_its_tools() -> None:

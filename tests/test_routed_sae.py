@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sae_lens_scale import RoutedTrainingSAE, ScaleSAE, ScaleTrainingSAE, ScaleTrainingSAEConfig, SwitchSAE
 from sae_lens_scale.flops import routed_flops
+from sae_lens_scale.routed_sae import geometric_median
 from tests.helpers import scale_training_sae, switch_training_sae
 
 D_IN, D_SAE, N_EXPERTS, K = 12, 48, 6, 5
@@ -77,7 +78,8 @@ def grads_of(sae: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor
     return {name: param.grad.clone() for name, param in sae.named_parameters() if param.grad is not None}
 
 
-def step_input(x: torch.Tensor, dead: torch.Tensor | None, step: int = 0, logging: bool = False) -> TrainStepInput:
+def step_input(x: torch.Tensor, dead: torch.Tensor | None, step: int = 1, logging: bool = False) -> TrainStepInput:
+    """A training step's input; step 1 by default, so the first-step bias initialisation stays out of the way."""
     return TrainStepInput(
         sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=logging
     )
@@ -403,7 +405,8 @@ def forced_to_expert_zero(sae: RoutedTrainingSAE[Any]) -> None:
 def forward_steps(sae: RoutedTrainingSAE[Any], n_steps: int) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     for step in range(n_steps):
-        metrics = sae.training_forward_pass(step_input(torch.randn(BATCH, D_MODEL), None, step, logging=True)).metrics
+        batch = torch.randn(BATCH, D_MODEL)
+        metrics = sae.training_forward_pass(step_input(batch, None, step + 1, logging=True)).metrics
     return metrics
 
 
@@ -440,3 +443,40 @@ def test_collapse_is_not_checked_when_a_balanced_router_would_trip_it() -> None:
         metrics = forward_steps(sae, 2)
     assert metrics["routing/max_expert_token_share"] == pytest.approx(1.0)
     assert metrics["routing/collapse_streak"] == 0
+
+
+def summed_distance(points: torch.Tensor, centre: torch.Tensor) -> float:
+    return (points - centre).norm(dim=1).sum().item()
+
+
+def test_geometric_median_known_answer_and_optimality() -> None:
+    direction = torch.tensor([3.0, 4.0], dtype=torch.float64) / 5
+    on_a_line = torch.stack([-1 * direction, 0 * direction, 5 * direction])
+    torch.testing.assert_close(geometric_median(on_a_line), torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-6)
+
+    generator = torch.Generator().manual_seed(0)
+    cloud = torch.randn(500, 6, dtype=torch.float64, generator=generator)
+    cloud[:20] += 100  # a few far outliers pull the mean, not the median
+    median = geometric_median(cloud)
+    best = summed_distance(cloud, median)
+    assert best < summed_distance(cloud, cloud.mean(0)) - 1.0
+    for _ in range(20):
+        nudge = 1e-3 * torch.randn(6, dtype=torch.float64, generator=generator)
+        assert best <= summed_distance(cloud, median + nudge) + 1e-9
+
+
+@pytest.mark.parametrize("bias_init", ["geometric_median", "mean", "none"])
+def test_first_step_sets_the_biases_from_its_batch_once(bias_init: str) -> None:
+    sae = tiny_training_sae("scale", bias_init=bias_init)
+    before = {name: getattr(sae, name).detach().clone() for name in ("b_dec", "b_router")}
+    batch = torch.randn(BATCH, D_MODEL) + 3.0
+    sae.training_forward_pass(step_input(batch, None, step=0))
+    expected = {"geometric_median": geometric_median(batch), "mean": batch.mean(0), "none": before["b_dec"]}
+    torch.testing.assert_close(sae.b_dec.detach(), expected[bias_init])
+    torch.testing.assert_close(
+        sae.b_router.detach(), expected[bias_init] if bias_init != "none" else before["b_router"]
+    )
+
+    later = sae.b_dec.detach().clone()
+    sae.training_forward_pass(step_input(batch - 10.0, None, step=1))  # a later (or resumed) step leaves them alone
+    assert torch.equal(sae.b_dec.detach(), later)

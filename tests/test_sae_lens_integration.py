@@ -87,7 +87,7 @@ def resumable_config(architecture: str, output: Path, **overrides: Any) -> Any:
         activations_mixing_fraction=0.0,
         lr_scheduler_name="cosineannealing",
         lr_warm_up_steps=3,
-        dead_feature_window=3,
+        dead_feature_window=1,
         **overrides,
     )
 

@@ -1,0 +1,219 @@
+"""Why routed SAEs leave latents dead, measured on the quality benchmark's cached SmolLM2 activations.
+
+Each variant trains with SAELens's ``SAETrainer`` on the same token stream as ``quality.py`` (its full budget unless
+``--quick``), with a probe around ``training_forward_pass`` and a gradient hook on ``W_enc`` that record:
+
+- when latents die: each latent's firing frequency over the last tenth of training at 10 %, 25 %, 50 % and 100 % of
+  the steps (a histogram of log10 frequencies);
+- whether AuxK reaches them: the AuxK loss's share of the loss, and the fraction of the trainer's dead latents whose
+  encoder column receives a gradient in a step;
+- dead latents per expert on held-out text, against that expert's share of the routing and its omega.
+
+    python benchmarks/liveness.py --quick   # 4 variants on the quick budget
+    python benchmarks/liveness.py           # the diagnosis on the full budget
+"""
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from sae_lens import LoggingConfig
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from sae_lens.training.sae_trainer import SAETrainer
+from tqdm import tqdm
+
+from sae_lens_scale import (
+    RoutedTrainingSAE,
+    ScaleTrainingSAE,
+    ScaleTrainingSAEConfig,
+    SwitchTrainingSAE,
+    SwitchTrainingSAEConfig,
+)
+from sae_lens_scale.metrics import expert_usage
+
+import quality
+
+RESULTS = Path(__file__).parent / "results"
+SNAPSHOTS = (0.1, 0.25, 0.5, 1.0)
+FREQUENCY_BINS = torch.linspace(-6, 0, 25)  # log10 firing frequency; never-firing latents are counted apart
+
+
+@dataclass
+class Variant:
+    name: str
+    architecture: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def make(self, d_in: int, d_sae: int, k: int) -> RoutedTrainingSAE[Any]:
+        if self.architecture == "switch":
+            return SwitchTrainingSAE(SwitchTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, **self.fields))
+        return ScaleTrainingSAE(ScaleTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, **self.fields))
+
+
+SCALE = {"n_experts": 32, "n_active_experts": 2}
+VARIANTS = [
+    Variant("Scale 32/e=2, zero biases", "scale", {**SCALE, "bias_init": "none"}),
+    Variant("Scale 32/e=2 no FS, zero biases", "scale", {**SCALE, "bias_init": "none", "feature_scaling": "none"}),
+    Variant("Scale 32/e=2", "scale", SCALE),
+    Variant("Scale 32/e=2 no FS", "scale", {**SCALE, "feature_scaling": "none"}),
+    Variant("Switch 16, zero biases", "switch", {"n_experts": 16, "bias_init": "none"}),
+    Variant("Switch 16", "switch", {"n_experts": 16}),
+]
+
+
+class Probe:
+    """Records firing, AuxK's loss share and which dead latents get an encoder gradient, step by step."""
+
+    def __init__(self, sae: RoutedTrainingSAE[Any], total_steps: int) -> None:
+        self.sae, self.total_steps = sae, total_steps
+        self.window = max(1, total_steps // 10)
+        self.fired = torch.zeros(self.window, sae.cfg.d_sae, dtype=torch.bool)
+        self.dead_mask: torch.Tensor | None = None
+        self.steps: list[dict[str, float]] = []
+        self.histograms: dict[str, list[float]] = {}
+        self.forward = sae.training_forward_pass
+        sae.training_forward_pass = self.training_forward_pass  # type: ignore[method-assign]
+        sae.W_enc.register_hook(self.reach)
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = self.forward(step_input)
+        step = step_input.n_training_steps
+        feature_acts = output.feature_acts  # the routed pass hands the trainer a coalesced COO tensor
+        latents = feature_acts.indices()[1][feature_acts.values() > 0]
+        self.fired[step % self.window] = False
+        self.fired[step % self.window, latents] = True
+        self.dead_mask = step_input.dead_neuron_mask
+        losses = {name: value.item() for name, value in output.losses.items()}
+        n_dead = int(self.dead_mask.sum()) if self.dead_mask is not None else 0
+        self.steps.append({"step": step, "n_dead": n_dead, **losses})
+        for fraction in SNAPSHOTS:
+            if step + 1 == round(fraction * self.total_steps):
+                self.histograms[str(fraction)] = self.frequency_histogram(min(step + 1, self.window))
+        return output
+
+    def reach(self, grad: torch.Tensor) -> None:
+        """Fraction of this step's dead latents whose encoder column got a non-zero gradient."""
+        if self.dead_mask is not None and self.dead_mask.any():
+            touched = grad.abs().sum(0) > 0
+            self.steps[-1]["dead_reached"] = (touched & self.dead_mask).sum().item() / self.dead_mask.sum().item()
+
+    def frequency_histogram(self, steps_seen: int) -> list[float]:
+        """Counts of latents per log10 firing-frequency bin over the last window; the first entry: never fired."""
+        frequency = self.fired[:steps_seen].float().mean(0)
+        never = int((frequency == 0).sum())
+        counts = torch.histc(frequency[frequency > 0].log10(), bins=len(FREQUENCY_BINS) - 1, min=-6, max=0)
+        return [never, *counts.tolist()]
+
+
+def diagnose(variant: Variant, cfg: quality.QualityConfig, acts: dict[str, torch.Tensor], scale: float) -> dict:
+    train, heldout = acts["train"], acts["heldout"].float() * scale
+    torch.manual_seed(0)
+    sae = variant.make(train.shape[1], cfg.d_sae, cfg.k)
+    steps = cfg.train_tokens * cfg.epochs // cfg.batch
+    probe = Probe(sae, steps)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * cfg.batch,
+        train_batch_size_samples=cfg.batch,
+        lr=cfg.lr,
+        lr_end=cfg.lr / 10,
+        lr_warm_up_steps=steps // 20,
+        lr_decay_steps=steps // 5,
+        dead_feature_window=max(1, steps // 4),
+        feature_sampling_window=max(1, steps // 2),
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    started = time.perf_counter()
+    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=quality.batches(train, cfg.batch, scale, seed=0)).fit()
+    seconds = time.perf_counter() - started
+    sae.eval()
+    with torch.no_grad():
+        fit = quality.reconstruction(sae, heldout)
+        fired = torch.zeros(cfg.d_sae, dtype=torch.bool)
+        for chunk in heldout.split(4096):
+            code = sae.encode_routed(chunk).code
+            fired[code.latents[code.acts > 0]] = True
+    usage = expert_usage(sae, heldout)
+    n_experts = sae.cfg.n_experts
+    omega = sae.feature_scaling_omega()
+    aux_steps = [s for s in probe.steps if s["n_dead"] > 0]
+    return {
+        "name": variant.name,
+        "fields": variant.fields,
+        "train_seconds": seconds,
+        "fvu": fit["fvu"],
+        "dead_heldout": int((~fired).sum()),
+        "dead_per_expert": (~fired).view(n_experts, -1).sum(1).tolist(),
+        "expert_share": usage.fractions.tolist(),
+        "omega": omega.detach().tolist() if omega is not None else None,
+        "histograms": probe.histograms,
+        "aux_share": sum(s["auxiliary_reconstruction_loss"] / s["mse_loss"] for s in aux_steps)
+        / max(1, len(aux_steps)),
+        "dead_reached": sum(s.get("dead_reached", 0.0) for s in aux_steps) / max(1, len(aux_steps)),
+        "steps": probe.steps,
+    }
+
+
+def plots(results: list[dict], stem: str) -> list[Path]:
+    paths = []
+    figure = Figure(figsize=(12, 4), layout="constrained")
+    per_expert, death, reach = figure.subplots(1, 3)
+    for result in results:
+        share = torch.tensor(result["expert_share"]) * len(result["expert_share"])
+        per_expert.scatter(share, result["dead_per_expert"], s=10, label=result["name"])
+        steps = [s["step"] for s in result["steps"]]
+        death.plot(steps, [s["n_dead"] for s in result["steps"]], label=result["name"])
+        reached = [(s["step"], s["dead_reached"]) for s in result["steps"] if "dead_reached" in s]
+        if reached:
+            reach.plot(*zip(*reached, strict=True), label=result["name"])
+    per_expert.set(xlabel="expert's routing share x n_experts (1 = balanced)", ylabel="dead latents on held-out text")
+    death.set(xlabel="training step", ylabel="dead latents (trainer's window)")
+    reach.set(xlabel="training step", ylabel="fraction of dead latents with an encoder gradient", ylim=(0, 1.05))
+    death.legend(fontsize=7)
+    paths.append(RESULTS / f"{stem}-experts.png")
+    figure.savefig(paths[-1], dpi=120)
+
+    figure = Figure(figsize=(4 * len(results), 3.5), layout="constrained")
+    axes = figure.subplots(1, len(results), sharey=True)
+    centres = ((FREQUENCY_BINS[:-1] + FREQUENCY_BINS[1:]) / 2).tolist()
+    for ax, result in zip(axes, results, strict=True):
+        for fraction, counts in result["histograms"].items():
+            ax.plot([-6.5, *centres], counts, marker=".", label=f"{float(fraction):.0%} of training")
+        ax.set(title=result["name"], xlabel="log10 firing frequency (-6.5: never)", yscale="symlog")
+    axes[0].set(ylabel="latents")
+    axes[0].legend(fontsize=7)
+    paths.append(RESULTS / f"{stem}-firing.png")
+    figure.savefig(paths[-1], dpi=120)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the quick budget (quality.py --quick's activations)")
+    parser.add_argument("--only", nargs="*", help="run only these variant names")
+    args = parser.parse_args()
+    cfg = replace(quality.QUICK if args.quick else quality.FULL, seeds=(0,))
+    acts, _, _ = quality.cached_activations(cfg, quality.activation_cache(cfg))
+    scale = acts["train"].shape[1] ** 0.5 / acts["train"][:20_000].float().norm(dim=-1).mean().item()
+    chosen = [v for v in VARIANTS if not args.only or v.name in args.only]
+    results = [diagnose(variant, cfg, acts, scale) for variant in tqdm(chosen, desc="variants")]
+    stem = "liveness-cpu-quick" if args.quick else "liveness-cpu"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"config": cfg.__dict__, "results": results}, indent=1) + "\n")
+    plots(results, stem)
+    for result in results:
+        omega = "-" if result["omega"] is None else f"{sum(result['omega']) / len(result['omega']):.3f}"
+        print(
+            f"{result['name']:40s} FVU {result['fvu']:.4f}  dead {result['dead_heldout']:5d}  "
+            f"AuxK/MSE {result['aux_share']:.3f}  dead reached {result['dead_reached']:.3f}  mean omega {omega}"
+        )
+    print(f"{sum(r['train_seconds'] for r in results):.0f} s of training")
+
+
+if __name__ == "__main__":
+    main()
