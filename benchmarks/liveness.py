@@ -36,6 +36,7 @@ from sae_lens_scale import (
     SwitchTrainingSAEConfig,
 )
 from sae_lens_scale.metrics import expert_usage
+from sae_lens_scale.routing import auxk_code
 
 import quality
 
@@ -46,9 +47,12 @@ FREQUENCY_BINS = torch.linspace(-6, 0, 25)  # log10 firing frequency; never-firi
 
 @dataclass
 class Variant:
+    """An SAE config (``fields`` over the package defaults) and the trainer's dead-latent window, in steps/total."""
+
     name: str
     architecture: str
     fields: dict[str, Any] = field(default_factory=dict)
+    dead_window_fraction: float = 1 / 16
 
     def make(self, d_in: int, d_sae: int, k: int) -> RoutedTrainingSAE[Any]:
         if self.architecture == "switch":
@@ -57,13 +61,34 @@ class Variant:
 
 
 SCALE = {"n_experts": 32, "n_active_experts": 2}
+NO_FS = {**SCALE, "feature_scaling": "none"}
+SWITCH = {"n_experts": 16}
+# The recipe before this study: zero biases, SAELens's 0.1 decoder init norm, AuxK after a quarter of the run.
+OLD = {"bias_init": "none", "decoder_init_norm": 0.1}
+MEDIAN = {"decoder_init_norm": 0.1}  # the old recipe with geometric-median biases, one lever at a time on top
 VARIANTS = [
-    Variant("Scale 32/e=2, zero biases", "scale", {**SCALE, "bias_init": "none"}),
-    Variant("Scale 32/e=2 no FS, zero biases", "scale", {**SCALE, "bias_init": "none", "feature_scaling": "none"}),
-    Variant("Scale 32/e=2", "scale", SCALE),
-    Variant("Scale 32/e=2 no FS", "scale", {**SCALE, "feature_scaling": "none"}),
-    Variant("Switch 16, zero biases", "switch", {"n_experts": 16, "bias_init": "none"}),
-    Variant("Switch 16", "switch", {"n_experts": 16}),
+    Variant("Scale 32/e=2, old recipe", "scale", {**SCALE, **OLD}, 1 / 4),
+    Variant("Scale 32/e=2 no FS, old recipe", "scale", {**NO_FS, **OLD}, 1 / 4),
+    Variant("Switch 16, old recipe", "switch", {**SWITCH, **OLD}, 1 / 4),
+    Variant("Scale 32/e=2, + median biases", "scale", {**SCALE, **MEDIAN}, 1 / 4),
+    Variant("Scale 32/e=2 no FS, + median biases", "scale", {**NO_FS, **MEDIAN}, 1 / 4),
+    Variant("Switch 16, + median biases", "switch", {**SWITCH, **MEDIAN}, 1 / 4),
+    Variant("Scale 32/e=2, + mean biases", "scale", {**SCALE, **MEDIAN, "bias_init": "mean"}, 1 / 4),
+    Variant("Scale 32/e=2, + median biases, AuxK x4", "scale", {**SCALE, **MEDIAN, "aux_loss_coefficient": 4.0}, 1 / 4),
+    Variant("Scale 32/e=2, + median biases, window 1/16", "scale", {**SCALE, **MEDIAN}),
+    *[
+        Variant(
+            f"Scale 32/e=2, + median biases, encoder norm {norm}", "scale", {**SCALE, "decoder_init_norm": norm}, 1 / 4
+        )
+        for norm in (0.5, 1.0, 2.0, 4.0)
+    ],
+    Variant("Scale 32/e=2, new recipe", "scale", SCALE),
+    Variant("Scale 32/e=2 no FS, new recipe", "scale", NO_FS),
+    Variant("Switch 16, new recipe", "switch", SWITCH),
+    *[
+        Variant(f"Scale 32/e=2, new recipe, encoder norm {norm}", "scale", {**SCALE, "decoder_init_norm": norm})
+        for norm in (0.5, 2.0)
+    ],
 ]
 
 
@@ -92,10 +117,20 @@ class Probe:
         losses = {name: value.item() for name, value in output.losses.items()}
         n_dead = int(self.dead_mask.sum()) if self.dead_mask is not None else 0
         self.steps.append({"step": step, "n_dead": n_dead, **losses})
+        if n_dead and step % 10 == 0 and self.dead_mask is not None:
+            self.steps[-1]["dead_in_auxk"] = self.auxk_reach(step_input.sae_in, self.dead_mask)
         for fraction in SNAPSHOTS:
             if step + 1 == round(fraction * self.total_steps):
                 self.histograms[str(fraction)] = self.frequency_histogram(min(step + 1, self.window))
         return output
+
+    @torch.no_grad()
+    def auxk_reach(self, sae_in: torch.Tensor, dead: torch.Tensor) -> float:
+        """Fraction of the dead latents that AuxK activates (positively) on at least one token of the batch."""
+        encoding = self.sae.encode_routed(sae_in)
+        n_dead = int(dead.sum())
+        code = auxk_code(encoding, dead, min(self.sae.cfg.d_in // 2, n_dead))
+        return code.latents[code.acts > 0].unique().numel() / n_dead
 
     def reach(self, grad: torch.Tensor) -> None:
         """Fraction of this step's dead latents whose encoder column got a non-zero gradient."""
@@ -124,7 +159,7 @@ def diagnose(variant: Variant, cfg: quality.QualityConfig, acts: dict[str, torch
         lr_end=cfg.lr / 10,
         lr_warm_up_steps=steps // 20,
         lr_decay_steps=steps // 5,
-        dead_feature_window=max(1, steps // 4),
+        dead_feature_window=max(1, round(steps * variant.dead_window_fraction)),
         feature_sampling_window=max(1, steps // 2),
         logger=LoggingConfig(log_to_wandb=False),
     )
@@ -145,6 +180,7 @@ def diagnose(variant: Variant, cfg: quality.QualityConfig, acts: dict[str, torch
     return {
         "name": variant.name,
         "fields": variant.fields,
+        "dead_window_fraction": variant.dead_window_fraction,
         "train_seconds": seconds,
         "fvu": fit["fvu"],
         "dead_heldout": int((~fired).sum()),
@@ -155,6 +191,8 @@ def diagnose(variant: Variant, cfg: quality.QualityConfig, acts: dict[str, torch
         "aux_share": sum(s["auxiliary_reconstruction_loss"] / s["mse_loss"] for s in aux_steps)
         / max(1, len(aux_steps)),
         "dead_reached": sum(s.get("dead_reached", 0.0) for s in aux_steps) / max(1, len(aux_steps)),
+        "dead_in_auxk": sum(s.get("dead_in_auxk", 0.0) for s in aux_steps if "dead_in_auxk" in s)
+        / max(1, sum("dead_in_auxk" in s for s in aux_steps)),
         "steps": probe.steps,
     }
 
@@ -179,7 +217,7 @@ def plots(results: list[dict], stem: str) -> list[Path]:
     figure.savefig(paths[-1], dpi=120)
 
     figure = Figure(figsize=(4 * len(results), 3.5), layout="constrained")
-    axes = figure.subplots(1, len(results), sharey=True)
+    axes = figure.subplots(1, len(results), sharey=True, squeeze=False)[0]
     centres = ((FREQUENCY_BINS[:-1] + FREQUENCY_BINS[1:]) / 2).tolist()
     for ax, result in zip(axes, results, strict=True):
         for fraction, counts in result["histograms"].items():
@@ -198,7 +236,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these variant names")
     args = parser.parse_args()
     cfg = replace(quality.QUICK if args.quick else quality.FULL, seeds=(0,))
-    acts, _, _ = quality.cached_activations(cfg, quality.activation_cache(cfg))
+    acts = quality.cached_activations(cfg, quality.activation_cache(cfg))
     scale = acts["train"].shape[1] ** 0.5 / acts["train"][:20_000].float().norm(dim=-1).mean().item()
     chosen = [v for v in VARIANTS if not args.only or v.name in args.only]
     results = [diagnose(variant, cfg, acts, scale) for variant in tqdm(chosen, desc="variants")]
@@ -210,7 +248,8 @@ def main() -> None:
         omega = "-" if result["omega"] is None else f"{sum(result['omega']) / len(result['omega']):.3f}"
         print(
             f"{result['name']:40s} FVU {result['fvu']:.4f}  dead {result['dead_heldout']:5d}  "
-            f"AuxK/MSE {result['aux_share']:.3f}  dead reached {result['dead_reached']:.3f}  mean omega {omega}"
+            f"AuxK/MSE {result['aux_share']:.3f}  dead with grad {result['dead_reached']:.3f}  "
+            f"dead in AuxK {result['dead_in_auxk']:.3f}  mean omega {omega}"
         )
     print(f"{sum(r['train_seconds'] for r in results):.0f} s of training")
 

@@ -1,8 +1,9 @@
 """Quality at matched width and matched FLOPs, on real activations: do the Scale SAE paper's claims hold?
 
-The paper compares its 24576-latent Scale SAE with 768-latent baselines (DESIGN.md section 5). Here every SAE sees the
-same cached activations of the bundled SmolLM2-135M-Instruct, in the same order, for the same number of tokens, with
-SAELens's own ``SAETrainer`` and one lr schedule:
+The paper compares its 24576-latent Scale SAE with 768-latent baselines, 32x narrower. Here every SAE sees the same
+cached activations of the bundled SmolLM2-135M-Instruct, in the same order, for the same number of tokens, with
+SAELens's own ``SAETrainer``, one lr schedule and the same data-driven start (``b_dec``, and the routed SAEs'
+``b_router``, at the geometric median of the first batch):
 
 - SAELens TopK at the same total width, and at each routed SAE's FLOPs-matched width (equal encoder FLOPs per token);
 - Switch with 16 and 32 experts;
@@ -17,10 +18,11 @@ model also carry massive-activation dimensions (values near 23,000 from block 11
 
     python benchmarks/quality.py --quick    # at most 10 minutes
     python benchmarks/quality.py            # the full comparison (43 min with cached activations, ~52 cold)
-    python benchmarks/quality.py --longer   # the Scale e=2 group trained for 4 passes over the same tokens
+    python benchmarks/quality.py --curves   # learning curves: 4 SAEs, 4 passes, held-out FVU every 1/8 pass
 """
 
 import argparse
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -43,13 +45,16 @@ from tqdm import tqdm
 
 from sae_lens_scale import ScaleTrainingSAEConfig, SwitchTrainingSAEConfig, metrics
 from sae_lens_scale.flops import flops_matched_topk_width, routed_flops, topk_flops
-from sae_lens_scale.routed_sae import RoutedTrainingSAE
+from sae_lens_scale.routed_sae import RoutedTrainingSAE, geometric_median
 from sae_lens_scale.scale_sae import FeatureScaling
 from sae_lens_scale.tools.offline import default_cache_dir
 from sae_lens_scale.tools.sources import BUNDLED_MODEL, hook_activations, load_model, token_splits
 
 RESULTS = Path(__file__).parent / "results"
 IN_DOMAIN, CROSS_DOMAIN = "shakespeare", "python-docs"
+# AuxK treats a latent as dead after 1/16 of the run without firing (51k tokens in the full run); a quarter of the
+# run let latents die en masse before AuxK started (docs/dead-latents.md).
+DEAD_WINDOW_DIVISOR = 16
 
 
 @dataclass(frozen=True)
@@ -70,9 +75,10 @@ class QualityConfig:
 
 QUICK = QualityConfig(train_tokens=147_456, heldout_tokens=8192, d_sae=2304, k=32, seeds=(0,), ce_batches=1)
 FULL = QualityConfig(train_tokens=819_200, heldout_tokens=16_384, d_sae=4608, k=32, seeds=(0, 1), ce_batches=2)
-# Does the routed SAEs' gap close with more steps? The Scale e=2 group, four passes over the full run's tokens.
-LONGER = replace(FULL, seeds=(0,), epochs=4)
-LONGER_NAMES = {"Scale 32/e=2", "Scale 32/e=2 no FS", "Switch 16", "TopK (FLOPs-matched to Scale 32/e=2)"}
+# Learning curves: at what budget does Scale cross FLOPs-matched TopK? One run per SAE, four passes.
+CURVES = replace(FULL, seeds=(0,), epochs=4)
+CURVE_NAMES = ("Scale 32/e=2", "Switch 16", "TopK (FLOPs-matched to Scale 32/e=2)", "TopK (width-matched)")
+CURVE_POINTS_PER_PASS = 8
 HEADLINE = (
     "Scale 32/e=2",
     "Scale 32/e=2 no FS",
@@ -96,7 +102,8 @@ def contenders(cfg: QualityConfig, d_in: int) -> list[Contender]:
     M, k = cfg.d_sae, cfg.k
 
     def topk(width: int) -> TopKTrainingSAEConfig:
-        return TopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k)
+        # The routed SAEs' encoder scale (decoder_init_norm=1), which helps TopK too (docs/dead-latents.md).
+        return TopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k, decoder_init_norm=1.0)
 
     routed: list[tuple[str, str, TrainingSAEConfig, int, int]] = []
     for n in (16, 32):
@@ -125,24 +132,30 @@ def contenders(cfg: QualityConfig, d_in: int) -> list[Contender]:
     return rows
 
 
-def cached_activations(cfg: QualityConfig, cache: Path) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
-    """Harvest once, store fp16 at ``cache``: in-domain train / held-out and cross-domain held-out activations."""
+def model_and_rows(cfg: QualityConfig) -> tuple[Any, dict[str, Any]]:
+    """The bundled model, and the token rows of the in-domain train / held-out and cross-domain held-out splits."""
     model, tokenizer = load_model(BUNDLED_MODEL)
     in_domain = token_splits(tokenizer, IN_DOMAIN, cfg.context_size, 0.1, seed=0, max_tokens=cfg.train_tokens)
     cross = token_splits(tokenizer, CROSS_DOMAIN, cfg.context_size, 0.5, seed=0, max_tokens=cfg.heldout_tokens)
     heldout_rows = cfg.heldout_tokens // cfg.context_size
-    datasets = {
+    return model, {
         "train": in_domain.train,
         "heldout": in_domain.heldout.select(range(heldout_rows)),
         "cross": cross.heldout.select(range(heldout_rows)),
     }
+
+
+def cached_activations(cfg: QualityConfig, cache: Path) -> dict[str, torch.Tensor]:
+    """The three splits' activations, harvested once into ``cache`` (fp16) and read from there afterwards."""
     if not cache.exists():
+        model, rows = model_and_rows(cfg)
         cache.parent.mkdir(parents=True, exist_ok=True)
         harvested = {
-            split: hook_activations(model, rows, cfg.hook, dtype=torch.float16) for split, rows in datasets.items()
+            split: hook_activations(model, split_rows, cfg.hook, dtype=torch.float16)
+            for split, split_rows in rows.items()
         }
         save_file(harvested, str(cache))
-    return load_file(str(cache)), model, datasets
+    return load_file(str(cache))
 
 
 def batches(train: torch.Tensor, batch: int, scale: float, seed: int) -> Iterator[torch.Tensor]:
@@ -153,8 +166,18 @@ def batches(train: torch.Tensor, batch: int, scale: float, seed: int) -> Iterato
             yield train[order[start : start + batch]].float() * scale
 
 
-def train_sae(sae: TrainingSAE[Any], train: torch.Tensor, cfg: QualityConfig, scale: float) -> float:
+def train_sae(sae: TrainingSAE[Any], stream: Iterator[torch.Tensor], cfg: QualityConfig) -> float:
+    """Train with SAELens's trainer on ``stream``; returns the seconds it took.
+
+    The routed SAEs set ``b_dec`` and ``b_router`` from the first batch themselves (``bias_init``); SAELens's TopK
+    gets the same start here, so every SAE begins centred on the same point.
+    """
     steps = cfg.train_tokens * cfg.epochs // cfg.batch
+    if not isinstance(sae, RoutedTrainingSAE):
+        first = next(stream)
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(first.double()))
+        stream = itertools.chain([first], stream)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * cfg.batch,
         train_batch_size_samples=cfg.batch,
@@ -162,12 +185,12 @@ def train_sae(sae: TrainingSAE[Any], train: torch.Tensor, cfg: QualityConfig, sc
         lr_end=cfg.lr / 10,
         lr_warm_up_steps=steps // 20,
         lr_decay_steps=steps // 5,
-        dead_feature_window=max(1, steps // 4),
+        dead_feature_window=max(1, steps // DEAD_WINDOW_DIVISOR),
         feature_sampling_window=max(1, steps // 2),
         logger=LoggingConfig(log_to_wandb=False),
     )
     started = time.perf_counter()
-    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches(train, cfg.batch, scale, seed=0)).fit()
+    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=stream).fit()
     return time.perf_counter() - started
 
 
@@ -224,7 +247,8 @@ def activation_cache(cfg: QualityConfig) -> Path:
 
 def run(cfg: QualityConfig, cache: Path, names: set[str] | None = None) -> dict[str, Any]:
     """Train and evaluate every contender (or those in ``names``) and return the JSON-ready result."""
-    acts, model, datasets = cached_activations(cfg, cache)
+    acts = cached_activations(cfg, cache)
+    model, datasets = model_and_rows(cfg)
     train = acts["train"]
     d_in = train.shape[1]
     scale = d_in**0.5 / train[:20_000].float().norm(dim=-1).mean().item()  # SAELens's expected_average_only_in
@@ -235,7 +259,7 @@ def run(cfg: QualityConfig, cache: Path, names: set[str] | None = None) -> dict[
         for seed in seeds:
             torch.manual_seed(seed)
             sae = contender.make()
-            seconds = train_sae(sae, train, cfg, scale)
+            seconds = train_sae(sae, batches(train, cfg.batch, scale, seed=0), cfg)
             rows.append(
                 {
                     "name": contender.name,
@@ -439,17 +463,140 @@ def plots(summary: list[dict[str, Any]], stem: str) -> list[Path]:
     return [frontier_path, bars_path]
 
 
+class HeldoutCurve:
+    """The training stream, evaluating the SAE it feeds on held-out activations every ``interval`` batches."""
+
+    def __init__(self, sae: TrainingSAE[Any], stream: Iterator[torch.Tensor], heldout: torch.Tensor, interval: int):
+        self.sae, self.stream, self.heldout, self.interval = sae, stream, heldout, interval
+        self.batches = 0
+        self.points: list[dict[str, float]] = []
+
+    def __iter__(self) -> "HeldoutCurve":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        batch = next(self.stream)
+        if self.batches % self.interval == 0:
+            self.record(tokens=self.batches * batch.shape[0])
+        self.batches += 1
+        return batch
+
+    def record(self, tokens: int) -> None:
+        """FVU and never-active latents on the held-out tokens, in the same scaled space the SAE trains in."""
+        self.points.append({"tokens": tokens, **reconstruction(self.sae, self.heldout)})
+
+
+def run_curves(cfg: QualityConfig, cache: Path) -> dict[str, Any]:
+    """One run per SAE in CURVE_NAMES over ``cfg.epochs`` passes, with held-out FVU and dead latents along the way."""
+    acts = cached_activations(cfg, cache)
+    train = acts["train"]
+    d_in = train.shape[1]
+    scale = d_in**0.5 / train[:20_000].float().norm(dim=-1).mean().item()
+    heldout = acts["heldout"].float() * scale
+    interval = cfg.train_tokens // cfg.batch // CURVE_POINTS_PER_PASS
+    curves = {}
+    for contender in tqdm([c for c in contenders(cfg, d_in) if c.name in CURVE_NAMES], desc="SAEs"):
+        torch.manual_seed(0)
+        sae = contender.make()
+        curve = HeldoutCurve(sae, batches(train, cfg.batch, scale, seed=0), heldout, interval)
+        seconds = train_sae(sae, curve, cfg)
+        curve.record(tokens=curve.batches * cfg.batch)
+        curves[contender.name] = {
+            "family": contender.family,
+            "d_sae": sae.cfg.d_sae,
+            "encoder_flops_per_token": contender.encoder_flops,
+            "train_seconds": seconds,
+            "points": curve.points,
+        }
+    return {"config": asdict(cfg), "d_in": d_in, "curves": curves, "crossing": crossing(curves)}
+
+
+def crossing(curves: dict[str, Any]) -> dict[str, Any]:
+    """Where Scale's held-out FVU first drops below FLOPs-matched TopK's and stays there, if it does."""
+    scale, topk = (curves[name]["points"] for name in CURVE_NAMES[0::2])
+    below = [point["fvu"] < other["fvu"] for point, other in zip(scale, topk, strict=True)]
+    first = next((i for i in range(len(below)) if all(below[i:])), None)
+    return {
+        "tokens": scale[first]["tokens"] if first is not None else None,
+        "final_scale_fvu": scale[-1]["fvu"],
+        "final_topk_fvu": topk[-1]["fvu"],
+    }
+
+
+def curves_report(result: dict[str, Any], stem: str) -> None:
+    """JSON, a Markdown table (FVU and dead latents at each pass) and the learning-curve plot."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    fvu_axes, dead_axes = figure.subplots(1, 2)
+    colours = {"topk": "tab:gray", "switch": "tab:orange", "scale": "tab:blue"}
+    for name, curve in result["curves"].items():
+        tokens = [point["tokens"] / 1e6 for point in curve["points"]]
+        style = "--" if "width-matched" in name else "-"
+        fvu_axes.plot(tokens, [p["fvu"] for p in curve["points"]], style, color=colours[curve["family"]], label=name)
+        dead = [p["dead_latents"] / curve["d_sae"] for p in curve["points"]]
+        dead_axes.plot(tokens, dead, style, color=colours[curve["family"]], label=name)
+    passes = result["config"]["train_tokens"] / 1e6
+    for axes in (fvu_axes, dead_axes):
+        for line in range(1, result["config"]["epochs"]):
+            axes.axvline(line * passes, color="lightgray", linewidth=0.6)
+    fvu_axes.set(xlabel="training tokens (millions; grey lines: passes)", ylabel="held-out FVU", yscale="log")
+    dead_axes.set(xlabel="training tokens (millions)", ylabel="fraction of latents dead on held-out text")
+    fvu_axes.legend(fontsize=7)
+    crossing_tokens = result["crossing"]["tokens"]
+    if crossing_tokens is not None:
+        fvu_axes.axvline(crossing_tokens / 1e6, color="tab:blue", linestyle=":", linewidth=0.8)
+    plot = RESULTS / f"{stem}.png"
+    figure.savefig(plot, dpi=120)
+    result["plots"] = [str(plot.relative_to(RESULTS.parent.parent))]
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    per_pass = CURVE_POINTS_PER_PASS
+    header = " | ".join(f"pass {i + 1}" for i in range(result["config"]["epochs"]))
+    lines = [
+        "# Learning curves (CPU)",
+        "",
+        f"Held-out FVU / latents dead on held-out text at the end of each pass over {result['config']['train_tokens']} "
+        "training tokens; one run per SAE, evaluated along the way (lr schedule of the whole run).",
+        "",
+        f"| SAE | width | {header} | train s |",
+        "|---|---:|" + "---:|" * result["config"]["epochs"] + "---:|",
+    ]
+    for name, curve in result["curves"].items():
+        ends = curve["points"][per_pass::per_pass]
+        cells = " | ".join(f"{p['fvu']:.4f} / {p['dead_latents']}" for p in ends)
+        lines.append(f"| {name} | {curve['d_sae']} | {cells} | {curve['train_seconds']:.0f} |")
+    found = result["crossing"]
+    lines += [
+        "",
+        f"Scale 32/e=2 against FLOPs-matched TopK: final FVU {found['final_scale_fvu']:.4f} against "
+        f"{found['final_topk_fvu']:.4f}; "
+        + (
+            f"below it from {found['tokens']:,} training tokens on."
+            if found["tokens"] is not None
+            else "it does not get below it and stay there within this budget."
+        ),
+    ]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--quick", action="store_true", help="a smaller comparison that finishes in 10 minutes")
-    budget.add_argument("--longer", action="store_true", help="the Scale e=2 group trained 4x longer (~25 minutes)")
+    budget.add_argument("--curves", action="store_true", help="learning curves over 4 passes (about an hour)")
     args = parser.parse_args()
-    cfg = QUICK if args.quick else LONGER if args.longer else FULL
     started = time.perf_counter()
-    result = run(cfg, activation_cache(cfg), LONGER_NAMES if args.longer else None)
+    if args.curves:
+        result = run_curves(CURVES, activation_cache(CURVES))
+        result["wall_seconds"] = time.perf_counter() - started
+        curves_report(result, "quality-cpu-curves")
+        return
+    cfg = QUICK if args.quick else FULL
+    result = run(cfg, activation_cache(cfg))
     result["wall_seconds"] = time.perf_counter() - started
-    write_reports(result, "quality-cpu-quick" if args.quick else "quality-cpu-longer" if args.longer else "quality-cpu")
+    write_reports(result, "quality-cpu-quick" if args.quick else "quality-cpu")
 
 
 def write_reports(result: dict[str, Any], stem: str) -> None:

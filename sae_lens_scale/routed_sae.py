@@ -247,6 +247,11 @@ class RoutedTrainingSAEConfig(RoutedSAEConfig, TrainingSAEConfig):
             step 0; a resumed run starts later and keeps its biases): "geometric_median" (as both papers' trainers),
             "mean", or "none" to keep them at zero. Both biases centre the input; at zero, the router and the
             encoder see the activations' large mean direction. Use "none" to continue training loaded weights.
+        decoder_init_norm: SAELens's initial decoder row norm; the encoder starts as the decoder's transpose, so
+            this is the initial norm of every encoder column (None: Kaiming's, about 1.4). The decode normalises the
+            rows, so here it only sets the encoder's scale: 1 gives unit-scale pre-activations for inputs of norm
+            sqrt(d_in) (``normalize_activations="expected_average_only_in"``). SAELens's 0.1 leaves most latents
+            dead in a routed SAE (docs/dead-latents.md).
     """
 
     load_balance_coefficient: float = 3.0
@@ -254,6 +259,7 @@ class RoutedTrainingSAEConfig(RoutedSAEConfig, TrainingSAEConfig):
     router_collapse_fraction: float = 0.9
     router_collapse_window: int = 100
     bias_init: BiasInit = "geometric_median"
+    decoder_init_norm: float | None = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -264,6 +270,10 @@ class RoutedTrainingSAEConfig(RoutedSAEConfig, TrainingSAEConfig):
             fail(self, "router_collapse_fraction", "must be in (0, 1]: it is a fraction of the batch's tokens")
         require_int(self, "router_collapse_window", minimum=1)
         require_choice(self, "bias_init", get_args(BiasInit))
+        if self.decoder_init_norm is not None:
+            require_number(self, "decoder_init_norm", minimum=0.0)
+            if self.decoder_init_norm == 0:
+                fail(self, "decoder_init_norm", "must be > 0, or None for Kaiming's initialisation")
         if self.aux_loss_coefficient > 0 and self.normalize_activations in ("constant_norm_rescale", "layer_norm"):
             fail(
                 self,

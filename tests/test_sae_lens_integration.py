@@ -77,8 +77,9 @@ def resumable_config(architecture: str, output: Path, **overrides: Any) -> Any:
     shuffles it. With no mixing and one store batch per training batch, the buffer is empty at every step boundary,
     so a resumed run sees exactly the batches the uninterrupted run saw.
     """
+    # SAELens's small decoder init (0.1) leaves latents dead within 20 steps, so the resume carries AuxK's statistics.
     return tiny_runner_config(
-        tiny_sae_config(architecture),
+        tiny_sae_config(architecture, decoder_init_norm=0.1),
         output,
         training_tokens=STEPS * BATCH,
         train_batch_size_tokens=BATCH,

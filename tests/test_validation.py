@@ -41,6 +41,8 @@ WEIGHTS = "sae_weights.safetensors"
         ({"router_collapse_fraction": 0.0}, "router_collapse_fraction=0.0 must be in (0, 1]"),
         ({"router_collapse_window": 0}, "router_collapse_window=0 must be >= 1"),
         ({"bias_init": "median"}, "bias_init='median' must be one of ('geometric_median', 'mean', 'none')"),
+        ({"decoder_init_norm": 0.0}, "decoder_init_norm=0.0 must be > 0, or None for Kaiming's initialisation"),
+        ({"decoder_init_norm": -1.0}, "decoder_init_norm=-1.0 must be >= 0"),
     ],
 )
 def test_bad_training_config_names_field_value_and_fix(fields: dict[str, Any], message: str) -> None:

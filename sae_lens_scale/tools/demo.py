@@ -160,7 +160,8 @@ def runner_config(cfg: DemoConfig, d_in: int, output: Path) -> LanguageModelSAER
         lr_warm_up_steps=cfg.training_tokens // cfg.batch_size_tokens // 20,
         lr_decay_steps=cfg.training_tokens // cfg.batch_size_tokens // 5,
         feature_sampling_window=max(1, cfg.training_tokens // cfg.batch_size_tokens // 2),
-        dead_feature_window=max(1, cfg.training_tokens // cfg.batch_size_tokens // 4),
+        # AuxK's dead latents: silent for 1/16 of the run (docs/dead-latents.md)
+        dead_feature_window=max(1, cfg.training_tokens // cfg.batch_size_tokens // 16),
         n_batches_for_norm_estimate=10,
         # The bundled model is built from local weights, not loaded with from_pretrained: no kwargs to record.
         model_from_pretrained_kwargs={} if cfg.model == BUNDLED_MODEL else None,

@@ -3,11 +3,15 @@
 import importlib.util
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import save_file
+
+from sae_lens_scale.routed_sae import geometric_median
 
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 ROW_KEYS = {
@@ -130,6 +134,62 @@ def test_verdict_says_when_a_claim_fails() -> None:
     assert "equal active width: fails" in lines[1]
     assert "lowers FVU: fails. e=2: +5.3%" in lines[2] and "positive fails, growing with e fails" in lines[2]
     assert "below Switch's: fails" in lines[3]
+
+
+def structured_activations(n_tokens: int, d_in: int, seed: int) -> torch.Tensor:
+    """Sparse sums of 200 fixed directions plus a large shared offset: what an SAE can learn, quickly."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(200, d_in, generator=torch.Generator().manual_seed(0))
+    codes = torch.rand(n_tokens, 200, generator=generator) * (torch.rand(n_tokens, 200, generator=generator) < 0.03)
+    return (codes @ directions + 3.0).half()
+
+
+TINY_CURVES = {"train_tokens": 4096, "heldout_tokens": 512, "d_sae": 512, "k": 8, "seeds": (0,), "ce_batches": 1}
+
+
+def test_routed_and_topk_saes_start_from_the_same_biases() -> None:
+    quality = load_quality_module()
+    cfg = quality.QualityConfig(**TINY_CURVES, batch=256, lr=0.0)  # lr 0: the weights stay where training starts
+    train = structured_activations(256, 64, seed=1)
+    first = next(quality.batches(train, 256, 1.0, seed=0))
+    starts = {}
+    for contender in quality.contenders(replace(cfg, train_tokens=256), 64):
+        if contender.name in ("Scale 32/e=2", "TopK (FLOPs-matched to Scale 32/e=2)"):
+            sae = contender.make()
+            quality.train_sae(sae, quality.batches(train, 256, 1.0, seed=0), replace(cfg, train_tokens=256))
+            starts[contender.name] = sae.b_dec.detach()
+    median = geometric_median(first.double()).float()
+    for b_dec in starts.values():
+        torch.testing.assert_close(b_dec, median)
+
+
+def test_learning_curves_record_held_out_fvu_along_the_run(tmp_path: Path) -> None:
+    quality = load_quality_module()
+    cfg = quality.QualityConfig(**TINY_CURVES, batch=256, epochs=2)
+    cache = tmp_path / "activations.safetensors"
+    splits = {"train": (4096, 1), "heldout": (512, 2), "cross": (512, 3)}
+    save_file({name: structured_activations(n, 64, seed) for name, (n, seed) in splits.items()}, str(cache))
+    result = quality.run_curves(cfg, cache)
+
+    assert set(result["curves"]) == set(quality.CURVE_NAMES)
+    for curve in result["curves"].values():
+        tokens = [point["tokens"] for point in curve["points"]]
+        assert tokens == [2 * 256 * i for i in range(16)] + [2 * 4096]  # every 2 steps (1/8 pass), then the end
+        assert curve["points"][-1]["fvu"] < 0.5 * curve["points"][0]["fvu"]
+    json.loads(json.dumps(result))
+
+
+def test_crossing_is_where_scale_gets_below_topk_for_good() -> None:
+    quality = load_quality_module()
+    scale, topk = quality.CURVE_NAMES[0], quality.CURVE_NAMES[2]
+
+    def curves(scale_fvu: list[float], topk_fvu: list[float]) -> dict[str, Any]:
+        points = [[{"tokens": 100 * i, "fvu": fvu} for i, fvu in enumerate(fvus)] for fvus in (scale_fvu, topk_fvu)]
+        return {scale: {"points": points[0]}, topk: {"points": points[1]}}
+
+    assert quality.crossing(curves([0.5, 0.3, 0.25, 0.2], [0.4, 0.35, 0.3, 0.28]))["tokens"] == 100
+    assert quality.crossing(curves([0.5, 0.3, 0.32, 0.2], [0.4, 0.35, 0.3, 0.28]))["tokens"] == 300  # not 100
+    assert quality.crossing(curves([0.5, 0.4, 0.35, 0.3], [0.4, 0.35, 0.3, 0.28]))["tokens"] is None
 
 
 @pytest.mark.parametrize(
