@@ -4,12 +4,13 @@ A "step" is SAELens's own ``SAETrainer.step``: forward, the trainer's firing sta
 clip_grad_norm(1.0), Adam and the schedulers. Every contender steps on the same random batch. The floor is
 clip_grad_norm + Adam alone on the same parameters: no architecture can step faster inside SAELens's trainer.
 
-Peak memory is measured in a fresh child process per contender (CPU torch has no allocator statistics):
-``resting`` is the RSS once parameters, gradients and Adam state exist; then the kernel's peak-RSS mark is reset and
-``peak`` is the highest RSS over two steps, so ``peak - resting`` is what the step itself needs.
+Peak memory: ``resting`` is the memory once parameters, gradients and Adam state exist, ``peak`` the highest over
+two steps, so ``peak - resting`` is what the step itself needs. On the CPU it is the RSS of a fresh child process per
+contender (CPU torch has no allocator statistics); on CUDA the allocator's own counters.
 
     python benchmarks/speed.py            # d_in=768, d_sae=24576, k=32, batch 4096 (about 15 minutes on 2 cores)
     python benchmarks/speed.py --quick    # a small shape, under 3 minutes
+    python benchmarks/speed.py --device cuda --autocast   # on a GPU, in bf16 autocast
 """
 
 import argparse
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,6 +46,8 @@ class Shape:
     k: int
     batch: int
     repeats: int
+    device: str = "cpu"
+    autocast: bool = False  # SAELens's bf16 autocast of the SAE's forward and backward
 
 
 FULL = Shape(d_in=768, d_sae=24576, k=32, batch=4096, repeats=3)
@@ -77,14 +80,17 @@ class Contender(NamedTuple):
 def contenders(shape: Shape) -> list[Contender]:
     d, M, k = shape.d_in, shape.d_sae, shape.k
 
+    device = shape.device
+
     def topk(width: int) -> Callable[[], TrainingSAE[Any]]:
-        return lambda: TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=width, k=k))
+        return lambda: TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=width, k=k, device=device))
 
     def scale(n: int, e: int, cls: type = ScaleTrainingSAE) -> Callable[[], TrainingSAE[Any]]:
-        return lambda: cls(ScaleTrainingSAEConfig(d_in=d, d_sae=M, n_experts=n, n_active_experts=e, k=k))
+        config = ScaleTrainingSAEConfig(d_in=d, d_sae=M, n_experts=n, n_active_experts=e, k=k, device=device)
+        return lambda: cls(config)
 
     def switch(n: int) -> Callable[[], TrainingSAE[Any]]:
-        return lambda: SwitchTrainingSAE(SwitchTrainingSAEConfig(d_in=d, d_sae=M, n_experts=n, k=k))
+        return lambda: SwitchTrainingSAE(SwitchTrainingSAEConfig(d_in=d, d_sae=M, n_experts=n, k=k, device=device))
 
     matched = flops_matched_topk_width(M, 64, 2)
     return [
@@ -96,25 +102,38 @@ def contenders(shape: Shape) -> list[Contender]:
     ]
 
 
-def make_trainer(sae: TrainingSAE[Any], batch: int) -> SAETrainer[Any, Any]:
+def make_trainer(sae: TrainingSAE[Any], shape: Shape) -> SAETrainer[Any, Any]:
     """A trainer past its first step, so every timed step is a steady-state one (step 0 also sets the biases)."""
-    cfg = SAETrainerConfig(total_training_samples=10**9, train_batch_size_samples=batch, lr_end=3e-4)
+    cfg = SAETrainerConfig(
+        total_training_samples=10**9,
+        train_batch_size_samples=shape.batch,
+        lr_end=3e-4,
+        device=shape.device,
+        autocast=shape.autocast,
+    )
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
     trainer.n_training_steps = 1
     return trainer
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, device: str = "cpu") -> float:
     fn()  # warm-up: allocator, Adam state, lazy inits
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def floor_seconds(sae: TrainingSAE[Any], repeats: int) -> float:
+def floor_seconds(sae: TrainingSAE[Any], repeats: int, device: str = "cpu") -> float:
     """clip_grad_norm + Adam on the SAE's own parameters, with random gradients."""
     params = [p for p in sae.parameters()]
     optimizer = torch.optim.Adam(params, lr=1e-12)
@@ -125,20 +144,21 @@ def floor_seconds(sae: TrainingSAE[Any], repeats: int) -> float:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
 
-    seconds = median_seconds(step, repeats)
+    seconds = median_seconds(step, repeats, device)
     for param in params:
         param.grad = None
     return seconds
 
 
-def inference_encode_seconds(sae: TrainingSAE[Any], batch: torch.Tensor, repeats: int) -> float:
+def inference_encode_seconds(sae: TrainingSAE[Any], batch: torch.Tensor, shape: Shape) -> float:
     """``encode`` of the exported inference SAE, SAELens's dense [batch, d_sae] contract, without grad."""
     exported = SAE.from_dict(sae.cfg.get_inference_sae_cfg_dict())
     state = sae.state_dict()
     sae.process_state_dict_for_saving_inference(state)
     exported.load_state_dict(state)
-    with torch.no_grad():
-        return median_seconds(lambda: exported.encode(batch), repeats)
+    autocast = torch.autocast(shape.device, dtype=torch.bfloat16, enabled=shape.autocast)
+    with torch.no_grad(), autocast:
+        return median_seconds(lambda: exported.encode(batch), shape.repeats, shape.device)
 
 
 def proc_status_mb(field: str) -> float:
@@ -148,36 +168,48 @@ def proc_status_mb(field: str) -> float:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def memory_probe(name: str, shape: Shape) -> dict[str, float]:
-    """Run in a fresh process: resting RSS with params + grads + Adam state, then peak RSS over two steps."""
+def step_memory(make: Callable[[], TrainingSAE[Any]], shape: Shape) -> dict[str, float]:
+    """Resting memory with params + grads + Adam state, then the peak over two steps (CPU: call in a fresh process,
+    since the peak RSS covers the whole process)."""
     torch.manual_seed(0)
-    contender = next(c for c in contenders(shape) if c.name == name)
-    sae = contender.make()
-    trainer = make_trainer(sae, shape.batch)
-    batch = torch.randn(shape.batch, shape.d_in)
+    sae = make()
+    trainer = make_trainer(sae, shape)
+    batch = torch.randn(shape.batch, shape.d_in, device=shape.device)
     for param in sae.parameters():
         param.grad = torch.zeros_like(param)
     trainer.optimizer.step()  # zero gradients: allocates Adam state, leaves the weights as they are
-    resting = proc_status_mb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
+    if shape.device == "cuda":
+        torch.cuda.synchronize()
+        resting = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        resting = proc_status_mb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
     for _ in range(2):
         trainer.step(batch)
-    peak = proc_status_mb("VmHWM")
+    if shape.device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = proc_status_mb("VmHWM")
     return {"resting_mb": resting, "peak_mb": peak, "step_mb": peak - resting}
 
 
-def measure_memory(name: str, quick: bool) -> dict[str, float]:
+def measure_memory(name: str, shape: Shape, quick: bool) -> dict[str, float]:
+    if shape.device == "cuda":
+        return step_memory(next(c for c in contenders(shape) if c.name == name).make, shape)
     command = [sys.executable, __file__, "--memory-probe", name] + (["--quick"] if quick else [])
+    command += ["--autocast"] if shape.autocast else []
     return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
 
 
 def time_contender(contender: Contender, batch: torch.Tensor, shape: Shape, quick: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     sae = contender.make()
-    trainer = make_trainer(sae, shape.batch)
-    step = median_seconds(lambda: trainer.step(batch), shape.repeats)
-    floor = floor_seconds(sae, shape.repeats)
-    encode = inference_encode_seconds(sae, batch, shape.repeats)
+    trainer = make_trainer(sae, shape)
+    step = median_seconds(lambda: trainer.step(batch), shape.repeats, shape.device)
+    floor = floor_seconds(sae, shape.repeats, shape.device)
+    encode = inference_encode_seconds(sae, batch, shape)
     return {
         "name": contender.name,
         "params": sum(p.numel() for p in sae.parameters()),
@@ -189,40 +221,43 @@ def time_contender(contender: Contender, batch: torch.Tensor, shape: Shape, quic
         "encode_tokens_per_s": shape.batch / encode,
         "encoder_flops_per_token": contender.flops.encoder,
         "step_flops_per_token": contender.flops.training_step,
-        **measure_memory(contender.name, quick),
+        **measure_memory(contender.name, shape, quick),
     }
 
 
 def benchmark(shape: Shape, quick: bool) -> dict[str, Any]:
     torch.manual_seed(0)
-    batch = torch.randn(shape.batch, shape.d_in)
+    batch = torch.randn(shape.batch, shape.d_in, device=shape.device)
     rows = [time_contender(c, batch, shape, quick) for c in tqdm(contenders(shape), desc="contenders")]
     topk = rows[0]
     for row in rows:
         row["train_speedup_vs_topk"] = row["train_tokens_per_s"] / topk["train_tokens_per_s"]
         row["encode_speedup_vs_topk"] = row["encode_tokens_per_s"] / topk["encode_tokens_per_s"]
         row["peak_vs_topk"] = row["peak_mb"] / topk["peak_mb"]
+    return {"shape": asdict(shape), "device": shape.device, "machine": machine(shape.device), "rows": rows}
+
+
+def machine(device: str) -> dict[str, Any]:
     return {
-        "shape": asdict(shape),
-        "device": "cpu",
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "rows": rows,
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
     shape = result["shape"]
+    where = result["machine"]["gpu"] or f"CPU, {result['machine']['cpu_threads']} threads"
+    precision = "bf16 autocast" if shape["autocast"] else "float32"
     lines = [
-        f"# Training-step speed on CPU ({result['machine']['cpu_count']} threads, torch {result['machine']['torch']})",
+        f"# Training-step speed ({where}, {precision}, torch {result['machine']['torch']})",
         "",
         f"d_in={shape['d_in']}, d_sae={shape['d_sae']}, k={shape['k']}, batch {shape['batch']} tokens, median of "
         f"{shape['repeats']} steps after a warm-up. Step = SAELens `SAETrainer.step` (forward, firing stats, backward, "
-        "clip, Adam). Floor = clip + Adam alone on the same parameters. Peak/step memory: RSS in a fresh process.",
+        "clip, Adam). Floor = clip + Adam alone on the same parameters. Peak/step memory: RSS in a fresh process "
+        "(CPU) or the CUDA allocator's peak.",
         "",
         "| SAE | ms/step | train tok/s | vs TopK | step / floor | encode tok/s | encode vs TopK "
         "| peak MB | step MB | enc. GFLOP/tok |",
@@ -241,14 +276,16 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"small shape: {QUICK}")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--autocast", action="store_true", help="train in SAELens's bf16 autocast")
     parser.add_argument("--memory-probe", metavar="NAME", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    shape = QUICK if args.quick else FULL
+    shape = replace(QUICK if args.quick else FULL, device=args.device, autocast=args.autocast)
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe, shape)))
+        print(json.dumps(step_memory(next(c for c in contenders(shape) if c.name == args.memory_probe).make, shape)))
         return
     result = benchmark(shape, args.quick)
-    stem = "speed-cpu-quick" if args.quick else "speed-cpu"
+    stem = f"speed-{args.device}" + ("-quick" if args.quick else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(result))

@@ -18,7 +18,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, NamedTuple, TypeVar, get_args
 
 import torch
 from sae_lens.constants import SAE_WEIGHTS_FILENAME
@@ -64,6 +64,14 @@ from sae_lens_scale.validation import (
 
 UNIT_NORM_TOLERANCE = 1e-4
 BiasInit = Literal["geometric_median", "mean", "none"]
+
+
+class StepChecks(NamedTuple):
+    """What a training step reads from the device, in one copy."""
+
+    loss_is_finite: bool
+    n_dead: int  # latents the trainer counts as dead (0 without its dead-latent mask)
+    max_expert_token_share: float  # largest fraction of the batch's tokens routed to one expert
 
 
 @dataclass
@@ -329,28 +337,28 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         """SAELens's hook for a dense pass; the routed losses need the routing and live in ``routed_losses``."""
         return {}
 
-    def routed_losses(
-        self, step_input: TrainStepInput, encoding: RoutedEncoding, sae_out: Tensor, decoder_row_norms: Tensor | None
-    ) -> dict[str, Tensor]:
-        """Load balancing (times d_in, to match the per-token-sum MSE) and AuxK over the computed candidates.
+    def auxk_loss(
+        self,
+        step_input: TrainStepInput,
+        encoding: RoutedEncoding,
+        sae_out: Tensor,
+        decoder_row_norms: Tensor | None,
+        n_dead: int,
+    ) -> Tensor:
+        """AuxK (Gao et al. 2024) over the computed candidates: dead latents reconstruct the main residual.
 
-        ``decoder_row_norms`` are the main decode's, so the step computes (and backpropagates) them once.
+        ``n_dead`` is the trainer's dead-latent count, read on the host with the step's other checks; with none dead
+        the loss is zero and nothing is computed. ``decoder_row_norms`` are the main decode's, so the step computes
+        (and backpropagates) them once.
         """
-        losses = {
-            "load_balance_loss": self.cfg.load_balance_coefficient * self.cfg.d_in * load_balance_loss(encoding.routing)
-        }
         dead = step_input.dead_neuron_mask
-        num_dead = 0 if dead is None or self.cfg.aux_loss_coefficient == 0 else int(dead.sum())
-        if dead is None or num_dead == 0:
-            losses["auxiliary_reconstruction_loss"] = sae_out.new_zeros(())
-            return losses
+        if dead is None or n_dead == 0 or self.cfg.aux_loss_coefficient == 0:
+            return sae_out.new_zeros(())
         k_aux = self.cfg.d_in // 2
         residual = (step_input.sae_in - sae_out).detach()
-        aux_recons = sparse_decode(auxk_code(encoding, dead, min(k_aux, num_dead)), self.W_dec, decoder_row_norms)
-        scale = min(num_dead / k_aux, 1.0)
-        aux_loss = (aux_recons - residual).pow(2).sum(dim=-1).mean()
-        losses["auxiliary_reconstruction_loss"] = self.cfg.aux_loss_coefficient * scale * aux_loss
-        return losses
+        aux_recons = sparse_decode(auxk_code(encoding, dead, min(k_aux, n_dead)), self.W_dec, decoder_row_norms)
+        scale = min(n_dead / k_aux, 1.0)
+        return self.cfg.aux_loss_coefficient * scale * (aux_recons - residual).pow(2).sum(dim=-1).mean()
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
@@ -361,8 +369,10 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         weights by its momentum even with zero gradients. So the step fails before backward, with the weights and
         optimizer state untouched, and the error says where the bad values are.
 
-        The first step (``n_training_steps == 0``) first sets the biases from its batch (``bias_init``): SAELens's
-        trainer has no other hook that sees data before training. A refused first step puts them back.
+        The step reads the device once (``_step_checks``), for that guard and two other scalars; nothing else in it
+        waits for the device, except on logging steps. The first step (``n_training_steps == 0``) first sets the
+        biases from its batch (``bias_init``): SAELens's trainer has no other hook that sees data before training.
+        A refused first step puts them back.
         """
         biases_before = None
         if step_input.n_training_steps == 0 and self.cfg.bias_init != "none":
@@ -373,19 +383,36 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         norms = self.decoder_row_norms()
         decoded = sparse_decode(encoding.code, self.W_dec, norms) + self.b_dec
         sae_out = self.run_time_activation_norm_fn_out(self.hook_sae_recons(decoded))
-        mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
-        losses = {"mse_loss": mse_loss, **self.routed_losses(step_input, encoding, sae_out, norms)}
-        loss = torch.stack(list(losses.values())).sum()
-        if not torch.isfinite(loss):
+        balance = load_balance_loss(encoding.routing)
+        losses = {
+            "mse_loss": self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean(),
+            "load_balance_loss": self.cfg.load_balance_coefficient * self.cfg.d_in * balance,  # d_in: MSE is a sum
+        }
+        checks = self._step_checks(losses, step_input.dead_neuron_mask, encoding)
+        if not checks.loss_is_finite:
             if biases_before is not None:
                 with torch.no_grad():
                     self.b_dec.copy_(biases_before[0])
                     self.b_router.copy_(biases_before[1])
             raise self._non_finite_loss_error(step_input, losses)
-        self._track_router_collapse(encoding)
+        self._count_router_collapse(checks.max_expert_token_share)
+        losses["auxiliary_reconstruction_loss"] = self.auxk_loss(step_input, encoding, sae_out, norms, checks.n_dead)
+        loss = torch.stack(list(losses.values())).sum()
         metrics = self._routing_metrics(encoding) if step_input.is_logging_step else {}
         # hidden_pre: the routed candidates, the only pre-activations that exist
         return TrainStepOutput(step_input.sae_in, sae_out, feature_acts, encoding.candidates, loss, losses, metrics)
+
+    def _step_checks(self, losses: dict[str, Tensor], dead: Tensor | None, encoding: RoutedEncoding) -> StepChecks:
+        """The step's one host synchronisation: the loss guard, the dead-latent count and the collapse monitor's
+        share, copied to the host together (on a GPU every separate read would stall the step again)."""
+        loss = torch.stack(list(losses.values())).sum()
+        n_dead = dead.sum() if dead is not None else loss.new_zeros(())
+        fractions = expert_fractions(encoding.routing, self.cfg.n_experts)
+        share = fractions.max() * self.cfg.n_active_experts
+        finite, dead_count, max_share = torch.stack(
+            [t.double() for t in (torch.isfinite(loss), n_dead, share)]
+        ).tolist()
+        return StepChecks(loss_is_finite=bool(finite), n_dead=int(dead_count), max_expert_token_share=max_share)
 
     @torch.no_grad()
     def initialize_biases_from_data(self, sae_in: Tensor) -> None:
@@ -423,7 +450,7 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
             "non-finite, resume from an earlier checkpoint with a lower lr."
         )
 
-    def _track_router_collapse(self, encoding: RoutedEncoding) -> None:
+    def _count_router_collapse(self, max_expert_token_share: float) -> None:
         """Count consecutive steps where one expert takes more than router_collapse_fraction of the tokens.
 
         One batch can be lopsided by chance; a streak of router_collapse_window steps means the load balancing lost,
@@ -432,23 +459,19 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         cfg = self.cfg
         if cfg.n_active_experts / cfg.n_experts >= cfg.router_collapse_fraction:
             return
-        share = self._max_expert_token_share(encoding)
-        self.collapse_streak = self.collapse_streak + 1 if share > cfg.router_collapse_fraction else 0
+        collapsed = max_expert_token_share > cfg.router_collapse_fraction
+        self.collapse_streak = self.collapse_streak + 1 if collapsed else 0
         if self.collapse_streak >= cfg.router_collapse_window and not self._warned_collapse:
             self._warned_collapse = True
             warnings.warn(
                 f"Router collapse: for {self.collapse_streak} consecutive training steps one expert took more than "
-                f"router_collapse_fraction={cfg.router_collapse_fraction} of the tokens (last step: {share:.1%}; "
-                f"balanced is {cfg.n_active_experts / cfg.n_experts:.1%}). The other experts' latents are starving. "
-                f"Raise load_balance_coefficient (now {cfg.load_balance_coefficient}) or lower the learning rate; "
-                "watch metrics/routing/max_expert_token_share.",
+                f"router_collapse_fraction={cfg.router_collapse_fraction} of the tokens (last step: "
+                f"{max_expert_token_share:.1%}; balanced is {cfg.n_active_experts / cfg.n_experts:.1%}). The other "
+                f"experts' latents are starving. Raise load_balance_coefficient (now {cfg.load_balance_coefficient}) "
+                "or lower the learning rate; watch metrics/routing/max_expert_token_share.",
                 RuntimeWarning,
                 stacklevel=3,  # the trainer's call of training_forward_pass
             )
-
-    def _max_expert_token_share(self, encoding: RoutedEncoding) -> float:
-        """Largest fraction of the batch's tokens routed to one expert (each token counts once per expert)."""
-        return expert_fractions(encoding.routing, self.cfg.n_experts).max().item() * self.cfg.n_active_experts
 
     @torch.no_grad()
     def _routing_metrics(self, encoding: RoutedEncoding) -> dict[str, Any]:

@@ -6,7 +6,6 @@ latents. Only the experts a token is routed to are ever multiplied: that is the 
 and the reason a routed SAE trains an order of magnitude faster than a dense one of the same width.
 """
 
-import itertools
 from typing import Any, NamedTuple
 
 import torch
@@ -60,35 +59,77 @@ class ExpertGroups(NamedTuple):
 
     order: Tensor  # [batch * n_active_experts] assignment ids (token * n_active_experts + slot), sorted by expert
     unsort: Tensor  # inverse permutation of order
-    counts: list[int]  # assignments per expert
+    offsets: Tensor  # [n_experts] int32 end of each expert's block in the sorted order, on the device
 
 
 def group_by_expert(experts: Tensor, n_experts: int) -> ExpertGroups:
     flat = experts.flatten()
     order = flat.argsort(stable=True)
     unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return ExpertGroups(order, unsort, torch.bincount(flat, minlength=n_experts).tolist())
+    offsets = torch.bincount(flat, minlength=n_experts).cumsum(0, dtype=torch.int32)
+    return ExpertGroups(order, unsort, offsets)
+
+
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def uses_grouped_mm(dtype: torch.dtype, d_in: int, expert_width: int) -> bool:
+    """Whether the experts run as torch's grouped GEMM (``F.grouped_mm``, torch 2.9 and later).
+
+    It takes float32 and 16-bit operands whose rows are 16-byte aligned, and keeps the group offsets on the device
+    (on CUDA in bf16 it is a single CUTLASS kernel). Anything else, such as float64 or an odd expert width, runs
+    one matmul per expert, which reads the group sizes on the host.
+    """
+    if not hasattr(F, "grouped_mm") or dtype not in GROUPED_MM_DTYPES:
+        return False
+    alignment = 16 // dtype.itemsize  # elements per 16 bytes
+    return d_in % alignment == 0 and expert_width % alignment == 0
+
+
+def expert_matmul(rows: Tensor, weights: Tensor, offsets: Tensor) -> Tensor:
+    """``rows[block of expert i] @ weights[i]`` for every expert: ``[n, K] x [n_experts, K, N] -> [n, N]``."""
+    if uses_grouped_mm(rows.dtype, rows.shape[1], weights.shape[2]):
+        return F.grouped_mm(rows, weights, offs=offsets)
+    out = rows.new_empty(rows.shape[0], weights.shape[2])
+    for expert, block in enumerate(_blocks(offsets)):
+        torch.mm(rows[block], weights[expert], out=out[block])
+    return out
+
+
+def expert_weight_grad(rows: Tensor, grad: Tensor, offsets: Tensor) -> Tensor:
+    """``rows[block of i].T @ grad[block of i]`` for every expert, zero where it has no rows: ``[n_experts, K, N]``.
+
+    The weight gradient is a grouped product over the token dimension.
+    """
+    if uses_grouped_mm(rows.dtype, rows.shape[1], grad.shape[1]):
+        return F.grouped_mm(rows.t(), grad, offs=offsets)
+    out = rows.new_zeros(offsets.shape[0], rows.shape[1], grad.shape[1])
+    for expert, block in enumerate(_blocks(offsets)):
+        torch.mm(rows[block].t(), grad[block], out=out[expert])
+    return out
+
+
+def _blocks(offsets: Tensor) -> list[slice]:
+    """Each expert's slice of the sorted rows, read on the host (the per-expert loop needs them there)."""
+    ends = offsets.tolist()
+    return [slice(start, end) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 class _RoutedExpertMatmul(torch.autograd.Function):
     """``x[token] @ W_enc[:, block of expert]`` for every (token, slot) assignment, in one autograd node.
 
     Slicing the flat W_enc per expert under autograd would make each slice's backward zero-fill a full-size gradient,
-    once per expert per step. Here one matmul per expert runs on its contiguous block of sorted assignments, and the
-    backward writes each expert's gradient block exactly once into a single buffer (unrouted experts get an explicit
-    zero block). Every permutation is a gather, including the input gradient: each token has exactly n_active_experts
-    assignments, so its gradient is a sum over its slots rather than a scatter-add.
+    once per expert per step. Here the forward and both gradients are grouped products over the assignments sorted
+    by expert (``expert_matmul``, ``expert_weight_grad``), and the weight gradient is written once. Every permutation
+    is a gather, including the input gradient: each token has exactly n_active_experts assignments, so its gradient is
+    a sum over its slots rather than a scatter-add.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, groups: ExpertGroups) -> Tensor:
         n_active_experts = groups.order.numel() // x.shape[0]
         x_sorted = x.index_select(0, groups.order // n_active_experts)
-        blocks = _expert_blocks(W_enc, len(groups.counts))
-        out_sorted = x.new_empty(x_sorted.shape[0], blocks.shape[-1])
-        for expert, rows in enumerate(_expert_row_slices(groups.counts)):
-            if rows.stop > rows.start:
-                torch.mm(x_sorted[rows], blocks[expert], out=out_sorted[rows])
+        out_sorted = expert_matmul(x_sorted, _expert_blocks(W_enc, groups.offsets.shape[0]), groups.offsets)
         ctx.save_for_backward(x_sorted, W_enc)
         ctx.groups, ctx.batch = groups, x.shape[0]
         return out_sorted.index_select(0, groups.unsort)
@@ -98,17 +139,11 @@ class _RoutedExpertMatmul(torch.autograd.Function):
         (grad_out,) = grad_outputs
         x_sorted, W_enc = ctx.saved_tensors
         groups: ExpertGroups = ctx.groups
-        blocks = _expert_blocks(W_enc, len(groups.counts))
+        n_experts = groups.offsets.shape[0]
         grad_sorted = grad_out.index_select(0, groups.order)
-        grad_W = torch.empty_like(W_enc)
-        grad_blocks = _expert_blocks(grad_W, len(groups.counts))
-        grad_x_sorted = torch.empty_like(x_sorted)
-        for expert, rows in enumerate(_expert_row_slices(groups.counts)):
-            if rows.stop > rows.start:
-                torch.mm(x_sorted[rows].t(), grad_sorted[rows], out=grad_blocks[expert])
-                torch.mm(grad_sorted[rows], blocks[expert].t(), out=grad_x_sorted[rows])
-            else:
-                grad_blocks[expert].zero_()
+        grad_blocks = expert_weight_grad(x_sorted, grad_sorted, groups.offsets)
+        grad_W = grad_blocks.transpose(0, 1).reshape(W_enc.shape)
+        grad_x_sorted = expert_matmul(grad_sorted, _expert_blocks(W_enc, n_experts).transpose(1, 2), groups.offsets)
         grad_x = grad_x_sorted.index_select(0, groups.unsort).view(ctx.batch, -1, x_sorted.shape[1]).sum(1)
         return grad_x, grad_W, None
 
@@ -117,10 +152,6 @@ def _expert_blocks(W: Tensor, n_experts: int) -> Tensor:
     """View a flat [d_in, d_sae] encoder as [n_experts, d_in, m] without copying."""
     d_in, d_sae = W.shape
     return W.view(d_in, n_experts, d_sae // n_experts).transpose(0, 1)
-
-
-def _expert_row_slices(counts: list[int]) -> list[slice]:
-    return [slice(end - count, end) for count, end in zip(counts, itertools.accumulate(counts), strict=True)]
 
 
 def routed_preactivations(

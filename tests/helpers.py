@@ -5,10 +5,14 @@ from typing import Any, TypeVar
 
 import torch
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformer_lens import HookedTransformer
 
 from sae_lens_scale import ScaleTrainingSAE, ScaleTrainingSAEConfig, SwitchTrainingSAE, SwitchTrainingSAEConfig
 from tests.conftest import CONTEXT, D_MODEL
+
+aten = torch.ops.aten
 
 TINY_HOOK = "blocks.1.hook_resid_pre"
 T_MODULE = TypeVar("T_MODULE", bound=torch.nn.Module)
@@ -89,3 +93,70 @@ def reconstruction_mse(sae: Any, acts: torch.Tensor) -> float:
     """Per-token sum of squared error, averaged over tokens."""
     with torch.no_grad():
         return (sae(acts).float() - acts).pow(2).sum(-1).mean().item()
+
+
+def dense_reference(sae: ScaleTrainingSAE, x: torch.Tensor, dead: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The routed SAE's outputs and losses computed the plain way: EVERY expert for every token, the unrouted ones
+    masked, the global top-k, a dense decode (as the authors' code does). The fast paths are checked against it."""
+    cfg = sae.cfg
+    m = cfg.d_sae // cfg.n_experts
+    W_enc = sae.W_enc
+    if cfg.feature_scaling == "mean":
+        blocks = []
+        for i in range(cfg.n_experts):
+            W_i = W_enc[:, i * m : (i + 1) * m]
+            mean_i = W_i.mean(dim=1, keepdim=True)
+            blocks.append(mean_i + (1 + sae.omega[i]) * (W_i - mean_i))
+        W_enc = torch.cat(blocks, dim=1)
+    probs = torch.softmax((x - sae.b_router) @ sae.W_router, dim=-1)
+    top_experts = probs.topk(cfg.n_active_experts, dim=-1).indices
+    expert_of_latent = torch.arange(cfg.d_sae, device=x.device) // m
+    routed = (expert_of_latent[None, :, None] == top_experts[:, None, :]).any(-1)
+    pre = (x - sae.b_dec) @ W_enc + sae.b_enc
+    values, latents = torch.where(routed, pre, -torch.inf).topk(cfg.k, dim=-1)
+    z = torch.zeros_like(pre).scatter(1, latents, values.relu())
+    acts = probs[:, expert_of_latent] * z
+    W_dec_unit = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+    x_hat = acts @ W_dec_unit + sae.b_dec
+    mse = (x_hat - x).pow(2).sum(-1).mean()
+
+    counts = torch.stack([(top_experts == i).sum() for i in range(cfg.n_experts)]).to(x.dtype)
+    fractions = counts / top_experts.numel()
+    balance = cfg.n_experts * (fractions * probs.mean(0)).sum()
+
+    k_aux = min(cfg.d_in // 2, int(dead.sum()))
+    aux_values, aux_latents = torch.where(routed & dead, pre, -torch.inf).topk(k_aux, dim=-1)
+    aux_acts = probs[:, expert_of_latent] * torch.zeros_like(pre).scatter(1, aux_latents, aux_values.relu())
+    aux = (aux_acts @ W_dec_unit - (x - x_hat).detach()).pow(2).sum(-1).mean()
+    aux_loss = cfg.aux_loss_coefficient * min(int(dead.sum()) / (cfg.d_in // 2), 1.0) * aux
+
+    loss = mse + cfg.load_balance_coefficient * cfg.d_in * balance + aux_loss
+    return {"x_hat": x_hat, "acts": acts, "loss": loss, "mse": mse, "balance": balance, "aux": aux_loss}
+
+
+class StepAudit(TorchDispatchMode):
+    """Every op a training step dispatches: reads of a value on the host, ops whose output shape depends on values
+    (both stall a GPU until the device catches up), and the largest dense tensor any op produced."""
+
+    DATA_DEPENDENT = (aten.nonzero, aten.masked_select, aten._unique2, aten.unique_dim, aten.unique_consecutive)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host_reads: list[str] = []
+        self.data_dependent: list[str] = []
+        self.largest: tuple[int, str] = (0, "")
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        packet = func.overloadpacket
+        if packet is aten._local_scalar_dense:
+            self.host_reads.append(str(func))
+        boolean_index = packet is aten.index and any(
+            isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in args[1]
+        )
+        if packet in self.DATA_DEPENDENT or boolean_index:
+            self.data_dependent.append(str(func))
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
+                self.largest = max(self.largest, (tensor.numel(), f"{func} -> {tuple(tensor.shape)}"))
+        return out

@@ -1,12 +1,9 @@
-"""The routed SAE classes: the fast path against a plain dense computation of the same math, conditional compute,
-export and SAELens's folds, zero-norm decoder rows, and a training step that goes wrong.
-
-The dense reference computes EVERY expert for every token, masks the unrouted ones, takes the global top-k and
-decodes densely, as the authors' code does. It runs in float64, so agreement is exact up to rounding.
-"""
+"""The routed SAE classes: the fast path against a plain dense computation of the same math
+(``tests.helpers.dense_reference``), conditional compute, host reads and allocations of a step, export and
+SAELens's folds, zero-norm decoder rows, and a training step that goes wrong."""
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +14,13 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from sae_lens_scale import RoutedTrainingSAE, ScaleSAE, ScaleTrainingSAE, ScaleTrainingSAEConfig, SwitchSAE
 from sae_lens_scale.flops import routed_flops
 from sae_lens_scale.routed_sae import geometric_median
-from tests.helpers import scale_training_sae, switch_training_sae
+from sae_lens_scale.routing import uses_grouped_mm
+from tests.helpers import StepAudit, dense_reference, scale_training_sae, switch_training_sae
 
 D_IN, D_SAE, N_EXPERTS, K = 12, 48, 6, 5
 BUILDERS = [scale_training_sae, switch_training_sae]
@@ -31,45 +29,11 @@ BUILDERS = [scale_training_sae, switch_training_sae]
 SHAPE = {"d_in": D_IN, "d_sae": D_SAE, "n_experts": N_EXPERTS, "k": K}
 
 
-def reference_sae(n_active_experts: int, feature_scaling: str, seed: int = 0) -> ScaleTrainingSAE:
-    return scale_training_sae(seed, n_active_experts=n_active_experts, feature_scaling=feature_scaling, **SHAPE)
-
-
-def dense_reference(sae: ScaleTrainingSAE, x: torch.Tensor, dead: torch.Tensor) -> dict[str, torch.Tensor]:
-    cfg = sae.cfg
-    m = cfg.d_sae // cfg.n_experts
-    W_enc = sae.W_enc
-    if cfg.feature_scaling == "mean":
-        blocks = []
-        for i in range(cfg.n_experts):
-            W_i = W_enc[:, i * m : (i + 1) * m]
-            mean_i = W_i.mean(dim=1, keepdim=True)
-            blocks.append(mean_i + (1 + sae.omega[i]) * (W_i - mean_i))
-        W_enc = torch.cat(blocks, dim=1)
-    probs = torch.softmax((x - sae.b_router) @ sae.W_router, dim=-1)
-    top_experts = probs.topk(cfg.n_active_experts, dim=-1).indices
-    expert_of_latent = torch.arange(cfg.d_sae) // m
-    routed = (expert_of_latent[None, :, None] == top_experts[:, None, :]).any(-1)
-    pre = (x - sae.b_dec) @ W_enc + sae.b_enc
-    values, latents = torch.where(routed, pre, -torch.inf).topk(cfg.k, dim=-1)
-    z = torch.zeros_like(pre).scatter(1, latents, values.relu())
-    acts = probs[:, expert_of_latent] * z
-    W_dec_unit = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
-    x_hat = acts @ W_dec_unit + sae.b_dec
-    mse = (x_hat - x).pow(2).sum(-1).mean()
-
-    counts = torch.stack([(top_experts == i).sum() for i in range(cfg.n_experts)]).to(x.dtype)
-    fractions = counts / top_experts.numel()
-    balance = cfg.n_experts * (fractions * probs.mean(0)).sum()
-
-    k_aux = min(cfg.d_in // 2, int(dead.sum()))
-    aux_values, aux_latents = torch.where(routed & dead, pre, -torch.inf).topk(k_aux, dim=-1)
-    aux_acts = probs[:, expert_of_latent] * torch.zeros_like(pre).scatter(1, aux_latents, aux_values.relu())
-    aux = (aux_acts @ W_dec_unit - (x - x_hat).detach()).pow(2).sum(-1).mean()
-    aux_loss = cfg.aux_loss_coefficient * min(int(dead.sum()) / (cfg.d_in // 2), 1.0) * aux
-
-    loss = mse + cfg.load_balance_coefficient * cfg.d_in * balance + aux_loss
-    return {"x_hat": x_hat, "acts": acts, "loss": loss, "mse": mse, "balance": balance, "aux": aux_loss}
+def reference_sae(
+    n_active_experts: int, feature_scaling: str, seed: int = 0, dtype: str = "float64"
+) -> ScaleTrainingSAE:
+    fields = {"n_active_experts": n_active_experts, "feature_scaling": feature_scaling, "dtype": dtype}
+    return scale_training_sae(seed, **fields, **SHAPE)
 
 
 def grads_of(sae: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -88,26 +52,36 @@ def step_input(x: torch.Tensor, dead: torch.Tensor | None, step: int = 1, loggin
 CASES = [(1, "none"), (1, "mean"), (2, "none"), (2, "mean"), (N_EXPERTS, "none"), (N_EXPERTS, "mean")]
 
 
+# float64 runs the experts one matmul at a time (exact to rounding); float32 runs them as torch's grouped GEMM.
+PRECISIONS = {  # (rtol, atol) of the outputs, then of the gradients
+    "float64": ((1e-10, 1e-10), (1e-8, 1e-10)),
+    "float32": ((1e-5, 1e-5), (1e-4, 1e-4)),
+}
+
+
+@pytest.mark.parametrize("dtype", list(PRECISIONS))
 @pytest.mark.parametrize(("n_active_experts", "feature_scaling"), CASES)
-def test_training_pass_equals_dense_reference(n_active_experts: int, feature_scaling: str) -> None:
-    sae = reference_sae(n_active_experts, feature_scaling)
-    x = torch.randn(40, D_IN, dtype=torch.float64) * 2
-    dead = torch.rand(D_SAE) < 0.5
+def test_training_pass_equals_dense_reference(n_active_experts: int, feature_scaling: str, dtype: str) -> None:
+    sae = reference_sae(n_active_experts, feature_scaling, dtype=dtype)
+    assert uses_grouped_mm(sae.W_enc.dtype, D_IN, D_SAE // N_EXPERTS) is (dtype == "float32")
+    (rtol, atol), (grad_rtol, grad_atol) = PRECISIONS[dtype]
+    x = torch.randn(40, D_IN, dtype=sae.W_enc.dtype, generator=torch.Generator().manual_seed(7)) * 2
+    dead = torch.rand(D_SAE, generator=torch.Generator().manual_seed(8)) < 0.5
 
     out = sae.training_forward_pass(step_input(x, dead))
     ref = dense_reference(sae, x, dead)
 
-    torch.testing.assert_close(out.sae_out, ref["x_hat"], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(out.feature_acts.to_dense(), ref["acts"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.sae_out, ref["x_hat"], rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.feature_acts.to_dense(), ref["acts"], rtol=rtol, atol=atol)
     assert torch.equal(out.feature_acts.to_dense() != 0, ref["acts"] != 0)
-    torch.testing.assert_close(out.losses["mse_loss"], ref["mse"], rtol=1e-10, atol=0)
-    torch.testing.assert_close(out.losses["auxiliary_reconstruction_loss"], ref["aux"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.losses["mse_loss"], ref["mse"], rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.losses["auxiliary_reconstruction_loss"], ref["aux"], rtol=rtol, atol=atol)
     assert ref["aux"] > 0
     fast_grads = grads_of(sae, out.loss)
     ref_grads = grads_of(sae, ref["loss"])
     assert fast_grads.keys() == ref_grads.keys() == dict(sae.named_parameters()).keys()
     for name in fast_grads:
-        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-8, atol=1e-10, msg=name)
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=grad_rtol, atol=grad_atol, msg=name)
 
 
 @pytest.mark.parametrize(("n_active_experts", "feature_scaling"), CASES)
@@ -142,12 +116,33 @@ def test_unrouted_experts_get_exactly_zero_gradient(n_active_experts: int) -> No
             assert grads["omega"][expert] == 0
 
 
+@pytest.fixture
+def grouped_mm_flops() -> Iterator[None]:
+    """torch's FLOP counter has no formula for its grouped GEMM; this one counts 2 * M * K * N per product.
+
+    ``[n, K] x [E, K, N]`` (forward and input gradient) and ``[K, n] x [n, N] -> [E, K, N]`` (weight gradient) both
+    multiply every one of the n sorted rows once, so the ragged offsets do not change the count.
+    """
+    target = torch.ops.aten._grouped_mm
+    if target in flop_registry:  # a later torch counts it itself
+        yield
+        return
+
+    def formula(a_shape: torch.Size, b_shape: torch.Size, *args: object, **kwargs: object) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+
+    register_flop_formula(target)(formula)
+    yield
+    del flop_registry[target]
+
+
 def counted_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
 
+@pytest.mark.usefixtures("grouped_mm_flops")
 @pytest.mark.parametrize("n_active_experts", [1, 2, 8])
 def test_training_step_matmul_flops_are_those_of_the_routed_experts(n_active_experts: int) -> None:
     """Counted with torch's FlopCounterMode, so it fails if any code path ever multiplies an unrouted expert."""
@@ -480,3 +475,30 @@ def test_first_step_sets_the_biases_from_its_batch_once(bias_init: str) -> None:
     later = sae.b_dec.detach().clone()
     sae.training_forward_pass(step_input(batch - 10.0, None, step=1))  # a later (or resumed) step leaves them alone
     assert torch.equal(sae.b_dec.detach(), later)
+
+
+def test_a_training_step_reads_the_device_once_and_never_builds_batch_by_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward and backward of a non-logging step with AuxK on: one host read (the step's checks), no value-dependent
+    shapes, and no dense tensor as large as [batch, d_sae] (the largest are the [d_in, d_sae] parameter gradients)."""
+    batch, d_in, d_sae = 512, 64, 4096
+    cfg = ScaleTrainingSAEConfig(d_in=d_in, d_sae=d_sae, n_experts=32, n_active_experts=2, k=16)
+    sae = ScaleTrainingSAE(cfg)
+    assert uses_grouped_mm(torch.float32, d_in, d_sae // 32)
+    x = torch.randn(batch, d_in)
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[::3] = True  # AuxK runs
+    host_copies: list[int] = []
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(tensor: torch.Tensor) -> Any:
+        host_copies.append(tensor.numel())
+        return tolist(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    with StepAudit() as audit:
+        out = sae.training_forward_pass(step_input(x, dead, step=5))
+        out.loss.backward()
+    assert out.losses["auxiliary_reconstruction_loss"] > 0
+    assert audit.host_reads == [] and audit.data_dependent == []
+    assert host_copies == [3]  # the loss guard, the dead count and the largest expert share, in one copy
+    assert audit.largest[0] == d_in * d_sae, audit.largest

@@ -19,6 +19,7 @@ from sae_lens_scale.routing import (
     row_norms,
     sparse_decode,
     unit_rows,
+    uses_grouped_mm,
 )
 
 
@@ -26,7 +27,7 @@ def test_group_by_expert_sorts_assignments_stably_and_counts_them() -> None:
     experts = torch.tensor([[2, 0], [1, 2], [0, 1]])  # assignment ids 0..5, token-major
     groups = group_by_expert(experts, n_experts=4)
     assert groups.order.tolist() == [1, 4, 2, 5, 0, 3]  # expert 0: ids 1, 4; expert 1: 2, 5; expert 2: 0, 3
-    assert groups.counts == [2, 2, 2, 0]
+    assert groups.offsets.tolist() == [2, 4, 6, 6]  # ends of each expert's block; expert 3's is empty
     assert torch.equal(groups.order[groups.unsort], torch.arange(6))
 
 
@@ -44,20 +45,44 @@ def test_global_topk_picks_across_experts_gates_and_relus() -> None:
         assert found[latent] == pytest.approx(act)
 
 
+EXPERTS = torch.tensor([[0, 2], [2, 1], [0, 1], [2, 0], [1, 2]])  # 5 tokens, 2 slots each; expert 3 gets no token
+
+
 def test_routed_expert_matmul_passes_gradcheck_with_an_empty_expert() -> None:
+    """float64 runs the per-expert loop: torch's grouped GEMM has no float64 kernel."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(5, 4, dtype=torch.float64, generator=generator, requires_grad=True)
     W_enc = torch.randn(4, 12, dtype=torch.float64, generator=generator, requires_grad=True)  # 4 experts of 3
-    experts = torch.tensor([[0, 2], [2, 1], [0, 1], [2, 0], [1, 2]])  # expert 3 gets no token
-    groups = group_by_expert(experts, n_experts=4)
-    assert groups.counts[3] == 0
+    groups = group_by_expert(EXPERTS, n_experts=4)
+    assert not uses_grouped_mm(torch.float64, 4, 3)
     assert torch.autograd.gradcheck(lambda x, W: _RoutedExpertMatmul.apply(x, W, groups), (x, W_enc))
 
-    out = _RoutedExpertMatmul.apply(x, W_enc, groups)
-    plain = torch.stack([torch.stack([x[t] @ W_enc[:, 3 * e : 3 * e + 3] for e in experts[t]]) for t in range(5)])
-    torch.testing.assert_close(out.view(5, 2, 3), plain, rtol=0, atol=1e-14)
-    out.sum().backward()
-    assert W_enc.grad is not None and torch.count_nonzero(W_enc.grad.view(4, 4, 3)[:, 3]) == 0
+
+@pytest.mark.parametrize(
+    ("dtype", "d_in", "width", "grouped"),
+    [(torch.float64, 4, 3, False), (torch.float32, 8, 4, True), (torch.float32, 8, 3, False)],
+)
+def test_routed_expert_matmul_equals_per_token_products(
+    dtype: torch.dtype, d_in: int, width: int, grouped: bool
+) -> None:
+    """Both ways of running the experts (grouped GEMM, per-expert loop) against a plain per-token loop."""
+    assert uses_grouped_mm(dtype, d_in, width) is (grouped and hasattr(torch.nn.functional, "grouped_mm"))
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(5, d_in, dtype=dtype, generator=generator, requires_grad=True)
+    W_enc = torch.randn(d_in, 4 * width, dtype=dtype, generator=generator, requires_grad=True)
+    out = _RoutedExpertMatmul.apply(x, W_enc, group_by_expert(EXPERTS, n_experts=4))
+    grad_out = torch.randn(out.shape, dtype=dtype, generator=generator)
+    out.backward(grad_out)
+
+    x_ref, W_ref = x.detach().clone().requires_grad_(), W_enc.detach().clone().requires_grad_()
+    blocks = [W_ref[:, width * e : width * (e + 1)] for e in range(4)]
+    plain = torch.stack([x_ref[t] @ blocks[e] for t in range(5) for e in EXPERTS[t].tolist()])  # [token*slot, width]
+    plain.backward(grad_out)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, plain, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(W_enc.grad, W_ref.grad, rtol=tolerance, atol=tolerance)
+    assert W_enc.grad is not None and torch.count_nonzero(W_enc.grad[:, 3 * width :]) == 0  # expert 3: no token
 
 
 def test_row_norms_pass_gradcheck_and_stay_finite_on_a_zero_row() -> None:
