@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from sae_lens_scale import ScaleTrainingSAE, ScaleTrainingSAEConfig, SwitchTrainingSAE, SwitchTrainingSAEConfig
 from sae_lens_scale.flops import SaeFlops, dense_routed_flops, flops_matched_topk_width, routed_flops, topk_flops
-from sae_lens_scale.routing import load_balance_loss, select_experts
+from sae_lens_scale.routing import expert_fractions, load_balance_loss, select_experts
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -67,7 +67,11 @@ class DenseScaleTrainingSAE(ScaleTrainingSAE):
         acts = torch.zeros_like(pre).scatter(1, latents, values.relu()) * routing.probs[:, expert_of_latent]
         sae_out = acts @ self.effective_W_dec() + self.b_dec
         mse = (sae_out - sae_in).pow(2).sum(-1).mean()
-        balance = cfg.load_balance_coefficient * cfg.d_in * load_balance_loss(routing)
+        balance = (
+            cfg.load_balance_coefficient
+            * cfg.d_in
+            * load_balance_loss(routing.probs, expert_fractions(routing, cfg.n_experts))
+        )
         return TrainStepOutput(sae_in, sae_out, acts, pre, mse + balance, {"mse_loss": mse, "balance": balance})
 
 

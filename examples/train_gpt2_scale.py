@@ -5,13 +5,16 @@ Needs the Hugging Face Hub (GPT-2 weights and OpenWebText download at run time).
 built and validated, and the run stops at the first download with the Hub's own error.
 
     python examples/train_gpt2_scale.py --training-tokens 819200000 --output runs/gpt2-scale
+    torchrun --nproc-per-node 8 examples/train_gpt2_scale.py ...   # data parallel: 8 ranks of 4096 tokens a step
 """
 
 import argparse
+import os
 
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
 
 from sae_lens_scale import ScaleTrainingSAEConfig
+from sae_lens_scale.distributed import DistributedSAETrainingRunner
 
 
 def paper_config(training_tokens: int, output: str, device: str, log_to_wandb: bool) -> LanguageModelSAERunnerConfig:
@@ -56,7 +59,10 @@ def main() -> None:
         f"Config built: {cfg.sae.architecture()} d_sae={cfg.sae.d_sae} n_experts={cfg.sae.n_experts} "
         f"e={cfg.sae.n_active_experts} k={cfg.sae.k} on {cfg.model_name} {cfg.hook_name}"
     )
-    LanguageModelSAETrainingRunner(cfg).run()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one data-parallel rank
+        DistributedSAETrainingRunner(cfg).run()
+    else:
+        LanguageModelSAETrainingRunner(cfg).run()
 
 
 if __name__ == "__main__":

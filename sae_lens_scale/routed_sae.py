@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar, get_args
 
 import torch
+import torch.distributed as dist
 from sae_lens.constants import SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import (
     SAE,
@@ -40,7 +41,6 @@ from sae_lens_scale.routing import (
     RoutedEncoding,
     auxk_code,
     dense_acts,
-    expert_fractions,
     feature_scaled_encoder,
     global_topk,
     load_balance_loss,
@@ -66,11 +66,14 @@ UNIT_NORM_TOLERANCE = 1e-4
 BiasInit = Literal["geometric_median", "mean", "none"]
 
 
-class StepChecks(NamedTuple):
-    """What a training step reads from the device, in one copy."""
+class BatchStatistics(NamedTuple):
+    """What a training step's losses need from the whole batch: every data-parallel replica's part of it."""
 
+    expert_fractions: Tensor  # [n_experts] share of the batch's (token, slot) assignments per expert
+    dead: Tensor | None  # [d_sae] dead by the trainer's count on every replica; None without its mask
+    # read on the host, in one copy:
     loss_is_finite: bool
-    n_dead: int  # latents the trainer counts as dead (0 without its dead-latent mask)
+    n_dead: int
     max_expert_token_share: float  # largest fraction of the batch's tokens routed to one expert
 
 
@@ -317,6 +320,9 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         # run starts a new streak.
         self.collapse_streak = 0
         self._warned_collapse = False
+        # Set when this SAE is one of several data-parallel replicas (sae_lens_scale.distributed): the batch
+        # statistics the losses need, and the first batch that sets the biases, then span every replica's batch.
+        self.data_parallel_group: dist.ProcessGroup | None = None
 
     @override
     def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -339,23 +345,22 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
 
     def auxk_loss(
         self,
-        step_input: TrainStepInput,
+        sae_in: Tensor,
         encoding: RoutedEncoding,
         sae_out: Tensor,
         decoder_row_norms: Tensor | None,
+        dead: Tensor | None,
         n_dead: int,
     ) -> Tensor:
         """AuxK (Gao et al. 2024) over the computed candidates: dead latents reconstruct the main residual.
 
-        ``n_dead`` is the trainer's dead-latent count, read on the host with the step's other checks; with none dead
-        the loss is zero and nothing is computed. ``decoder_row_norms`` are the main decode's, so the step computes
-        (and backpropagates) them once.
+        ``dead`` and ``n_dead`` come from the step's batch statistics; with none dead the loss is zero and nothing is
+        computed. ``decoder_row_norms`` are the main decode's, so the step computes (and backpropagates) them once.
         """
-        dead = step_input.dead_neuron_mask
         if dead is None or n_dead == 0 or self.cfg.aux_loss_coefficient == 0:
             return sae_out.new_zeros(())
         k_aux = self.cfg.d_in // 2
-        residual = (step_input.sae_in - sae_out).detach()
+        residual = (sae_in - sae_out).detach()
         aux_recons = sparse_decode(auxk_code(encoding, dead, min(k_aux, n_dead)), self.W_dec, decoder_row_norms)
         scale = min(n_dead / k_aux, 1.0)
         return self.cfg.aux_loss_coefficient * scale * (aux_recons - residual).pow(2).sum(dim=-1).mean()
@@ -369,50 +374,72 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         weights by its momentum even with zero gradients. So the step fails before backward, with the weights and
         optimizer state untouched, and the error says where the bad values are.
 
-        The step reads the device once (``_step_checks``), for that guard and two other scalars; nothing else in it
-        waits for the device, except on logging steps. The first step (``n_training_steps == 0``) first sets the
+        The step reads the device once (``_batch_statistics``), for that guard and two other scalars; nothing else
+        in it waits for the device, except on logging steps. The first step (``n_training_steps == 0``) first sets the
         biases from its batch (``bias_init``): SAELens's trainer has no other hook that sees data before training.
         A refused first step puts them back.
         """
         biases_before = None
         if step_input.n_training_steps == 0 and self.cfg.bias_init != "none":
             biases_before = (self.b_dec.detach().clone(), self.b_router.detach().clone())
-            self.initialize_biases_from_data(step_input.sae_in)
+            self.initialize_biases_from_data(self._whole_batch(step_input.sae_in))
         encoding = self.encode_routed(step_input.sae_in)
         feature_acts = self.hook_sae_acts_post(sparse_acts(encoding.code, self.cfg.d_sae))
         norms = self.decoder_row_norms()
         decoded = sparse_decode(encoding.code, self.W_dec, norms) + self.b_dec
         sae_out = self.run_time_activation_norm_fn_out(self.hook_sae_recons(decoded))
-        balance = load_balance_loss(encoding.routing)
+        mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
+        stats = self._batch_statistics(encoding, mse_loss, step_input.dead_neuron_mask)
+        balance = load_balance_loss(encoding.routing.probs, stats.expert_fractions)
         losses = {
-            "mse_loss": self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean(),
+            "mse_loss": mse_loss,
             "load_balance_loss": self.cfg.load_balance_coefficient * self.cfg.d_in * balance,  # d_in: MSE is a sum
         }
-        checks = self._step_checks(losses, step_input.dead_neuron_mask, encoding)
-        if not checks.loss_is_finite:
+        if not stats.loss_is_finite:
             if biases_before is not None:
                 with torch.no_grad():
                     self.b_dec.copy_(biases_before[0])
                     self.b_router.copy_(biases_before[1])
             raise self._non_finite_loss_error(step_input, losses)
-        self._count_router_collapse(checks.max_expert_token_share)
-        losses["auxiliary_reconstruction_loss"] = self.auxk_loss(step_input, encoding, sae_out, norms, checks.n_dead)
+        self._count_router_collapse(stats.max_expert_token_share)
+        aux_loss = self.auxk_loss(step_input.sae_in, encoding, sae_out, norms, stats.dead, stats.n_dead)
+        losses["auxiliary_reconstruction_loss"] = aux_loss
         loss = torch.stack(list(losses.values())).sum()
-        metrics = self._routing_metrics(encoding) if step_input.is_logging_step else {}
+        metrics = self._routing_metrics(encoding, stats) if step_input.is_logging_step else {}
         # hidden_pre: the routed candidates, the only pre-activations that exist
         return TrainStepOutput(step_input.sae_in, sae_out, feature_acts, encoding.candidates, loss, losses, metrics)
 
-    def _step_checks(self, losses: dict[str, Tensor], dead: Tensor | None, encoding: RoutedEncoding) -> StepChecks:
-        """The step's one host synchronisation: the loss guard, the dead-latent count and the collapse monitor's
-        share, copied to the host together (on a GPU every separate read would stall the step again)."""
-        loss = torch.stack(list(losses.values())).sum()
-        n_dead = dead.sum() if dead is not None else loss.new_zeros(())
-        fractions = expert_fractions(encoding.routing, self.cfg.n_experts)
+    def _batch_statistics(self, encoding: RoutedEncoding, mse_loss: Tensor, dead: Tensor | None) -> BatchStatistics:
+        """The expert fractions, the dead latents and the loss guard over the whole batch, and the step's one read
+        of the device.
+
+        Data-parallel replicas add up their expert counts, their trainers' alive latents and their non-finite flags
+        in one all-reduce, so every replica makes the same decisions as one process with the whole batch: a latent is
+        dead when no replica saw it fire within the trainer's window. The guard, the dead count and the router share
+        then reach the host in one copy (on a GPU every separate read would stall the step again).
+        """
+        n_experts = self.cfg.n_experts
+        counts = torch.bincount(encoding.routing.experts.flatten(), minlength=n_experts)
+        alive = (~dead).long() if dead is not None else counts.new_zeros(0)
+        not_finite = ~torch.isfinite(mse_loss) | ~torch.isfinite(encoding.routing.probs).all()
+        packed = torch.cat([counts, alive, not_finite.long().view(1)])
+        if self.data_parallel_group is not None:
+            dist.all_reduce(packed, group=self.data_parallel_group)
+        counts, alive, not_finite = packed.split([n_experts, alive.numel(), 1])
+        fractions = counts.double() / counts.sum()
+        dead = alive == 0 if dead is not None else None
+        n_dead = dead.sum() if dead is not None else counts.new_zeros(())
         share = fractions.max() * self.cfg.n_active_experts
-        finite, dead_count, max_share = torch.stack(
-            [t.double() for t in (torch.isfinite(loss), n_dead, share)]
-        ).tolist()
-        return StepChecks(loss_is_finite=bool(finite), n_dead=int(dead_count), max_expert_token_share=max_share)
+        flag, dead_count, max_share = torch.stack([t.double() for t in (not_finite[0], n_dead, share)]).tolist()
+        return BatchStatistics(fractions, dead, flag == 0, int(dead_count), max_share)
+
+    def _whole_batch(self, sae_in: Tensor) -> Tensor:
+        """``sae_in``, or with data-parallel replicas every replica's batch in rank order (the first step only)."""
+        if self.data_parallel_group is None:
+            return sae_in
+        parts = [torch.empty_like(sae_in) for _ in range(dist.get_world_size(self.data_parallel_group))]
+        dist.all_gather(parts, sae_in.contiguous(), group=self.data_parallel_group)
+        return torch.cat(parts)
 
     @torch.no_grad()
     def initialize_biases_from_data(self, sae_in: Tensor) -> None:
@@ -474,14 +501,15 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
             )
 
     @torch.no_grad()
-    def _routing_metrics(self, encoding: RoutedEncoding) -> dict[str, Any]:
-        fractions = expert_fractions(encoding.routing, self.cfg.n_experts)
+    def _routing_metrics(self, encoding: RoutedEncoding, stats: BatchStatistics) -> dict[str, Any]:
+        """The router's balance over the whole batch (every replica's), for SAELens's logger."""
+        fractions = stats.expert_fractions
         entropy = -(fractions * fractions.clamp_min(1e-12).log()).sum()
         metrics: dict[str, Any] = {
             "routing/expert_usage_entropy": entropy / math.log(self.cfg.n_experts) if self.cfg.n_experts > 1 else 1.0,
             "routing/max_expert_fraction": fractions.max(),
             "routing/max_expert_token_share": fractions.max() * self.cfg.n_active_experts,
-            "routing/load_balance": load_balance_loss(encoding.routing),
+            "routing/load_balance": load_balance_loss(encoding.routing.probs, fractions),
             "routing/collapse_streak": float(self.collapse_streak),
             "routing/collapse_warning": float(self.collapse_streak >= self.cfg.router_collapse_window),
         }

@@ -266,10 +266,14 @@ def expert_fractions(routing: Routing, n_experts: int) -> Tensor:
     return counts.to(routing.probs.dtype) / routing.experts.numel()
 
 
-def load_balance_loss(routing: Routing) -> Tensor:
-    """Switch Transformer balance loss ``N * sum_i f_i P_i``: 1 when balanced, up to N when collapsed."""
-    n_experts = routing.probs.shape[-1]
-    return n_experts * (expert_fractions(routing, n_experts) * routing.probs.mean(0)).sum()
+def load_balance_loss(probs: Tensor, fractions: Tensor) -> Tensor:
+    """Switch Transformer balance loss ``N * sum_i f_i P_i``: 1 when balanced, up to N when collapsed.
+
+    ``fractions`` (f, from ``expert_fractions``) carries no gradient; ``probs [batch, n_experts]`` gives P, the mean
+    router probability. Data-parallel replicas pass the whole batch's f with their own probs: their averaged
+    gradients are then those of the whole batch's loss.
+    """
+    return probs.shape[-1] * (fractions.to(probs.dtype) * probs.mean(0)).sum()
 
 
 def auxk_code(encoding: RoutedEncoding, dead_latents: Tensor, k_aux: int) -> SparseCode:

@@ -11,6 +11,7 @@ from sae_lens_scale.routing import (
     _RoutedExpertMatmul,
     auxk_code,
     dense_acts,
+    expert_fractions,
     feature_scaled_encoder,
     global_topk,
     group_by_expert,
@@ -118,11 +119,11 @@ def test_load_balance_loss_is_one_when_balanced_and_n_when_collapsed() -> None:
     n_experts = 4
     uniform = torch.full((8, n_experts), 1 / n_experts)
     balanced = Routing(uniform, torch.arange(8).remainder(n_experts).unsqueeze(1), uniform[:, :1])
-    assert load_balance_loss(balanced).item() == pytest.approx(1.0)
+    assert load_balance_loss(balanced.probs, expert_fractions(balanced, n_experts)).item() == pytest.approx(1.0)
     onehot = torch.zeros(8, n_experts)
     onehot[:, 2] = 1
     collapsed = Routing(onehot, torch.full((8, 1), 2), onehot[:, 2:3])
-    assert load_balance_loss(collapsed).item() == pytest.approx(n_experts)
+    assert load_balance_loss(collapsed.probs, expert_fractions(collapsed, n_experts)).item() == pytest.approx(n_experts)
 
 
 def test_auxk_code_takes_the_largest_dead_candidates_only() -> None:

@@ -1,0 +1,124 @@
+"""What each rank runs in the data-parallel tests, and the launcher that starts the ranks like torchrun would.
+
+The functions live in a module of their own because the ranks are fresh processes (the ``spawn`` start method):
+they import what they run by name.
+"""
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from sae_lens import LoggingConfig
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
+from safetensors.torch import save_file
+from torch.multiprocessing.spawn import start_processes
+
+from sae_lens_scale.distributed import DistributedSAETrainingRunner, init_data_parallel, replicate_training_pass
+from tests.conftest import build_tiny_model, build_token_dataset
+from tests.helpers import tiny_runner_config, tiny_sae_config
+
+STEPS = 5
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(worker: Callable[..., None], world_size: int, *args: Any, timeout_s: float = 240) -> None:
+    """Start ``worker(rank, world_size, port, *args)`` in ``world_size`` processes and wait at most ``timeout_s``.
+
+    A rank that raises ends the launch: the others are terminated and its error is raised here (torch's
+    ``ProcessRaisedException`` names the process, which is the rank). Ranks still running at the deadline are
+    killed, and the launch raises TimeoutError.
+    """
+    port = free_port()
+    context = start_processes(worker, args=(world_size, port, *args), nprocs=world_size, join=False)
+    assert context is not None  # join=False returns the processes' context
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {world_size} ranks did not finish within {timeout_s} s")
+    finally:
+        for process in filter(None, context.processes):
+            if process.is_alive():
+                process.kill()
+
+
+def join_group(rank: int, world_size: int, port: int) -> None:
+    """What torchrun would set up for this rank: the rendezvous in the environment, one thread per process."""
+    os.environ |= {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+    }
+    torch.set_num_threads(1)
+
+
+def train_with_trainer(
+    rank: int, world_size: int, port: int, config: dict[str, Any], batches_path: str, out_path: str
+) -> None:
+    """STEPS of SAELens's trainer on this rank's contiguous part of each global batch, with the pass replicated."""
+    join_group(rank, world_size, port)
+    init_data_parallel("cpu")
+    try:
+        sae = train_steps(config, torch.load(batches_path), rank, world_size)
+        if rank == 0:
+            save_file({name: tensor.contiguous() for name, tensor in sae.state_dict().items()}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def train_steps(config: dict[str, Any], batches: torch.Tensor, rank: int, world_size: int) -> TrainingSAE[Any]:
+    """The training the data-parallel test compares: one process (world_size 1) or one rank of several."""
+    torch.manual_seed(0)
+    sae = TrainingSAE.from_dict(TrainingSAEConfig.from_dict(config).to_dict())
+    per_rank = batches.shape[1] // world_size
+    stream = iter(batches[:, rank * per_rank : (rank + 1) * per_rank])
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=STEPS * per_rank,
+        train_batch_size_samples=per_rank,
+        lr=1e-2,
+        lr_end=1e-2,
+        dead_feature_window=1,
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=stream)
+    if world_size > 1:
+        replicate_training_pass(sae)
+    return trainer.fit()
+
+
+def run_runner(rank: int, world_size: int, port: int, architecture: str, output: str, fail_on_rank: int) -> None:
+    """SAELens's runner, data-parallel, on the tiny model and the in-memory tokens; optionally one rank fails."""
+    join_group(rank, world_size, port)
+    model = build_tiny_model()
+    if rank == fail_on_rank:
+
+        def fail(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
+            raise ValueError(f"activations on rank {rank} are broken")
+
+        model.add_perma_hook("blocks.1.hook_resid_pre", fail)
+    cfg = tiny_runner_config(
+        tiny_sae_config(architecture, normalize_activations="expected_average_only_in"),
+        Path(output),
+        training_tokens=20 * 256 * world_size,
+        n_batches_for_norm_estimate=2,
+        n_checkpoints=1,
+    )
+    runner = DistributedSAETrainingRunner(cfg, override_dataset=build_token_dataset(), override_model=model)
+    try:
+        runner.run()
+    finally:
+        dist.destroy_process_group()

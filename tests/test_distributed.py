@@ -1,0 +1,80 @@
+"""Data-parallel training on the CPU: two gloo ranks on 127.0.0.1, started as torchrun would start them, against one
+process fed the whole batch."""
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from sae_lens import SAE
+from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+from safetensors.torch import load_file
+from torch.multiprocessing.spawn import ProcessRaisedException
+
+from sae_lens_scale import ScaleSAE, ScaleTrainingSAEConfig, SwitchTrainingSAEConfig
+from sae_lens_scale.distributed import rank_config, shard
+from tests.conftest import build_token_dataset
+from tests.distributed_workers import STEPS, launch, run_runner, train_steps, train_with_trainer
+from tests.helpers import tiny_runner_config, tiny_sae_config
+
+SHAPE = {"d_in": 16, "d_sae": 64, "k": 6, "dtype": "float64"}
+CONFIGS = {
+    "scale": ScaleTrainingSAEConfig(n_experts=8, n_active_experts=2, **SHAPE),
+    "switch": SwitchTrainingSAEConfig(n_experts=8, **SHAPE),
+    # SAELens's own TopK: DDP averages its gradients too; its AuxK's dead statistics would stay per rank, so off here.
+    "topk": TopKTrainingSAEConfig(aux_loss_coefficient=0.0, **SHAPE),
+}
+
+
+@pytest.mark.parametrize("architecture", list(CONFIGS))
+def test_two_ranks_with_half_batches_train_the_sae_of_one_process_with_whole_batches(
+    architecture: str, tmp_path: Path
+) -> None:
+    """float64, 5 steps: first-batch biases, AuxK with the trainer's dead latents (window 1), load balancing,
+    clipping and Adam all see the whole batch."""
+    config = CONFIGS[architecture].to_dict()
+    generator = torch.Generator().manual_seed(0)
+    batches = torch.randn(STEPS, 64, 16, dtype=torch.float64, generator=generator) + torch.linspace(-2, 2, 16)
+    torch.save(batches, tmp_path / "batches.pt")
+    whole = train_steps(config, batches, rank=0, world_size=1)
+
+    launch(train_with_trainer, 2, config, str(tmp_path / "batches.pt"), str(tmp_path / "rank0.safetensors"))
+    replicated = load_file(tmp_path / "rank0.safetensors")
+    assert replicated.keys() == whole.state_dict().keys()
+    for name, tensor in whole.state_dict().items():
+        torch.testing.assert_close(replicated[name], tensor, rtol=1e-8, atol=1e-10, msg=name)
+    torch.manual_seed(0)
+    untrained = type(whole)(whole.cfg).state_dict()  # the same seeded initialisation, before training
+    assert not torch.allclose(untrained["W_dec"], whole.state_dict()["W_dec"])
+
+
+def test_the_runner_on_two_ranks_writes_one_sae_lens_folder(tmp_path: Path) -> None:
+    launch(run_runner, 2, "scale", str(tmp_path), -1)
+    sae = SAE.load_from_disk(tmp_path / "final")
+    assert isinstance(sae, ScaleSAE) and sae.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 1  # rank 0's; rank 1 writes nothing
+    x = torch.randn(64, 32)
+    assert torch.isfinite(sae(x)).all()
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(ProcessRaisedException, match=r"(?s)Process 1 .*rank 1 of 2 failed: ValueError: activations"):
+        launch(run_runner, 2, "switch", str(tmp_path), 1)
+    assert time.monotonic() - started < 120
+
+
+def test_each_rank_gets_its_own_share_of_tokens_and_rank_0_alone_writes() -> None:
+    cfg = tiny_runner_config(tiny_sae_config("scale"), Path("out"), training_tokens=4 * 256 * 3)
+    shares = [rank_config(cfg, rank, 3) for rank in range(3)]
+    assert [share.training_tokens for share in shares] == [1024, 1024, 1024]
+    assert shares[0].output_path == cfg.output_path and shares[0].checkpoint_path == cfg.checkpoint_path
+    assert all(share.output_path is None and share.checkpoint_path is None for share in shares[1:])
+    with pytest.raises(ValueError, match=r"training_tokens=1000 is not a whole number of global batches"):
+        rank_config(tiny_runner_config(tiny_sae_config("scale"), Path("out"), training_tokens=1000), 0, 2)
+
+    rows: list[Any] = []
+    for rank in range(3):
+        rows += shard(build_token_dataset(30), rank, 3)["input_ids"]
+    assert sorted(map(tuple, rows)) == sorted(map(tuple, build_token_dataset(30)["input_ids"]))  # disjoint, complete
