@@ -21,6 +21,7 @@ torchrun stops the others, and every collective has a timeout, so no rank waits 
 import os
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sae_lens_scale.expert_parallel import gathered_state_dict
 from sae_lens_scale.routed_sae import RoutedTrainingSAE
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
@@ -102,16 +104,20 @@ def rank_config(
         if getattr(cfg, field) == cfg.device:
             changes[field] = device
     if rank != 0:
-        changes |= {
-            "logger": replace(cfg.logger, log_to_wandb=False),
-            "checkpoint_path": None,
-            "n_checkpoints": 0,
-            "save_final_checkpoint": False,
-            "output_path": None,
-        }
+        changes["logger"] = replace(cfg.logger, log_to_wandb=False)
+    checkpoint_path = cfg.checkpoint_path
+    if getattr(cfg.sae, "expert_parallel", False):
+        # Every rank saves its own experts: checkpoints in rank-<r> folders, resumed from rank 0's sibling folder.
+        if checkpoint_path is not None:
+            checkpoint_path = f"{checkpoint_path}/rank-{rank}"
+        if cfg.resume_from_checkpoint is not None:
+            resumed = Path(cfg.resume_from_checkpoint)
+            changes["resume_from_checkpoint"] = str(resumed.parent.parent / f"rank-{rank}" / resumed.name)
+    elif rank != 0:
+        checkpoint_path = None
+        changes |= {"n_checkpoints": 0, "save_final_checkpoint": False, "output_path": None}
     share = replace(cfg, **changes)
-    if rank == 0:  # the config's __post_init__ appends a fresh run id to checkpoint_path: keep the one it had
-        share.checkpoint_path = cfg.checkpoint_path
+    share.checkpoint_path = checkpoint_path  # set after: the config's __post_init__ appends a fresh run id to it
     return share
 
 
@@ -137,6 +143,10 @@ class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
                 "LanguageModelSAERunnerConfig.sae.normalize_activations='covariance_whitening' is estimated per "
                 "process, so the ranks would whiten differently; use 'expected_average_only_in' or 'none'."
             )
+        if cfg.checkpoint_path is not None:  # each process drew its own run id; use rank 0's everywhere
+            shared = [cfg.checkpoint_path]
+            dist.broadcast_object_list(shared, src=0)
+            cfg.checkpoint_path = shared[0]
         cfg = rank_config(cfg, self.rank, self.world_size)
         if override_dataset is not None:
             override_dataset = shard(override_dataset, self.rank, self.world_size)
@@ -156,11 +166,28 @@ class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
             ) from error
 
     def run_trainer_with_interruption_handling(self, trainer: SAETrainer[Any, Any]) -> TrainingSAE[Any]:
-        """Before training: one activation scale for all ranks, then the SAE's training pass replicated with DDP."""
+        """Before training: one activation scale for all ranks, then (data parallel) the SAE's training pass
+        replicated with DDP; an expert-parallel SAE synchronises its own gradients."""
         if self.sae.cfg.normalize_activations == "expected_average_only_in":
             share_activation_scale(trainer)
-        replicate_training_pass(self.sae)
+        if not (isinstance(self.sae, RoutedTrainingSAE) and self.sae.expert_shard is not None):
+            replicate_training_pass(self.sae)
         return super().run_trainer_with_interruption_handling(trainer)
+
+    def save_final_sae(
+        self, sae: TrainingSAE[Any], output_path: str, log_feature_sparsity: torch.Tensor | None = None
+    ) -> None:
+        """SAELens's final save, on rank 0; an expert-parallel SAE's experts are gathered there first (every rank
+        takes part), so the folder holds one ordinary SAE."""
+        if isinstance(sae, RoutedTrainingSAE) and sae.expert_shard is not None:
+            full = gathered_state_dict(sae.state_dict(), sae.expert_shard)
+            if self.rank != 0:
+                return
+            whole = type(sae)(replace(sae.cfg, expert_parallel=False, device="cpu"))
+            whole.load_state_dict({name: tensor.cpu() for name, tensor in full.items()})
+            whole.cfg.metadata = sae.cfg.metadata
+            sae = whole
+        super().save_final_sae(sae, output_path, log_feature_sparsity)
 
 
 def share_activation_scale(trainer: SAETrainer[Any, Any]) -> None:

@@ -37,8 +37,20 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
 
+from sae_lens_scale.expert_parallel import (
+    Dispatch,
+    ExpertShard,
+    GradientSync,
+    init_decoder_shard,
+    local_shard,
+    plan_dispatch,
+    remote_candidates,
+    remote_decode,
+)
 from sae_lens_scale.routing import (
     RoutedEncoding,
+    Routing,
+    SparseCode,
     auxk_code,
     dense_acts,
     feature_scaled_encoder,
@@ -56,6 +68,7 @@ from sae_lens_scale.validation import (
     WeightsMismatchError,
     check_state_dict,
     fail,
+    require_bool,
     require_choice,
     require_int,
     require_number,
@@ -150,11 +163,21 @@ class RoutedSAE(SAE[T_ROUTED_CONFIG]):
         centered = sae_in - self.b_dec * self.cfg.apply_b_dec_to_input
         probs = router_probs(sae_in, self.W_router, self.b_router)
         routing = select_experts(_hooked(self.hook_router_probs, probs, leading), self.cfg.n_active_experts)
-        candidates = routed_preactivations(
-            centered, self.W_enc, self.b_enc, routing.experts, self.cfg.n_experts, self.feature_scaling_omega()
-        )
+        candidates, dispatch = self.routed_candidates(centered, routing)
         candidates = _hooked(self.hook_sae_acts_pre, candidates, leading)
-        return RoutedEncoding(routing, candidates, global_topk(candidates, routing, self.cfg.k))
+        return RoutedEncoding(routing, candidates, global_topk(candidates, routing, self.cfg.k), dispatch)
+
+    def routed_candidates(self, centered: Tensor, routing: Routing) -> tuple[Tensor, Dispatch | None]:
+        """The routed experts' pre-activations ``[batch, n_active_experts * m]``, and how they were computed across
+        ranks (None here: every expert is on this device)."""
+        omega = self.feature_scaling_omega()
+        return routed_preactivations(centered, self.W_enc, self.b_enc, routing.experts, self.cfg.n_experts, omega), None
+
+    def decode_code(self, code: SparseCode, encoding: RoutedEncoding, decoder_row_norms: Tensor | None) -> Tensor:
+        """``sum_j acts_j * W_dec[latents_j]`` for the k latents of each token, without a [batch, d_sae] matrix."""
+        if encoding.dispatch is not None:
+            return remote_decode(code, encoding.routing, encoding.dispatch, self.W_dec, decoder_row_norms)
+        return sparse_decode(code, self.W_dec, decoder_row_norms)
 
     def encode_with_candidates(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """SAELens's encode contract: ``[..., d_sae]`` activations, and the ``[..., n_active_experts * m]`` candidates
@@ -263,6 +286,9 @@ class RoutedTrainingSAEConfig(RoutedSAEConfig, TrainingSAEConfig):
             rows, so here it only sets the encoder's scale: 1 gives unit-scale pre-activations for inputs of norm
             sqrt(d_in) (``normalize_activations="expected_average_only_in"``). SAELens's 0.1 leaves most latents
             dead in a routed SAE (docs/dead-latents.md).
+        expert_parallel: split the experts over the ranks of the torch.distributed process group (torchrun's): each
+            rank holds n_experts / world_size experts and their optimizer state, so the SAE can be wider than one
+            device holds. Train with ``sae_lens_scale.distributed.DistributedSAETrainingRunner``.
     """
 
     load_balance_coefficient: float = 3.0
@@ -271,6 +297,7 @@ class RoutedTrainingSAEConfig(RoutedSAEConfig, TrainingSAEConfig):
     router_collapse_window: int = 100
     bias_init: BiasInit = "geometric_median"
     decoder_init_norm: float | None = 1.0
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -281,6 +308,7 @@ class RoutedTrainingSAEConfig(RoutedSAEConfig, TrainingSAEConfig):
             fail(self, "router_collapse_fraction", "must be in (0, 1]: it is a fraction of the batch's tokens")
         require_int(self, "router_collapse_window", minimum=1)
         require_choice(self, "bias_init", get_args(BiasInit))
+        require_bool(self, "expert_parallel")
         if self.decoder_init_norm is not None:
             require_number(self, "decoder_init_norm", minimum=0.0)
             if self.decoder_init_norm == 0:
@@ -309,8 +337,10 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
 
     ``training_forward_pass`` is the fast path: only routed experts are multiplied, the decode gathers k decoder rows
     per token, and the trainer gets its feature activations as a detached sparse COO tensor for its firing
-    statistics.
+    statistics. With ``expert_parallel`` this rank holds only its share of the experts (``expert_shard``).
     """
+
+    expert_shard: ExpertShard | None
 
     def __init__(self, cfg: T_ROUTED_TRAINING_CONFIG, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -320,9 +350,56 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         # run starts a new streak.
         self.collapse_streak = 0
         self._warned_collapse = False
-        # Set when this SAE is one of several data-parallel replicas (sae_lens_scale.distributed): the batch
-        # statistics the losses need, and the first batch that sets the biases, then span every replica's batch.
+        # Set when this SAE is one of several data-parallel replicas (sae_lens_scale.distributed), or holds a share
+        # of the experts: the batch statistics the losses need, and the first batch that sets the biases, then span
+        # every rank's batch.
         self.data_parallel_group: dist.ProcessGroup | None = None
+        if self.expert_shard is not None:
+            self.data_parallel_group = self.expert_shard.group
+            self.gradient_sync = GradientSync(self.named_parameters(), self.expert_shard)
+
+    @property
+    def n_local_experts(self) -> int:
+        """The experts this SAE holds: all of them, or its rank's share with ``expert_parallel``."""
+        return self.cfg.n_experts if self.expert_shard is None else self.expert_shard.n_local_experts
+
+    @override
+    def initialize_weights(self) -> None:
+        """The whole SAE, or with ``expert_parallel`` this rank's experts and the replicated router and biases."""
+        self.expert_shard = local_shard(self.cfg.n_experts) if self.cfg.expert_parallel else None
+        if self.expert_shard is None:
+            super().initialize_weights()
+            return
+        cfg = self.cfg
+        width = self.expert_shard.n_local_experts * (cfg.d_sae // cfg.n_experts)
+        W_dec = init_decoder_shard(width, cfg.d_in, cfg.decoder_init_norm, self.dtype, self.device)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.T.contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(width, dtype=self.dtype, device=self.device))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=self.dtype, device=self.device))
+        bound = 1 / math.sqrt(cfg.d_in)
+        router = torch.empty(cfg.d_in, cfg.n_experts, dtype=self.dtype, device=self.device).uniform_(-bound, bound)
+        if self.device.type != "meta":
+            dist.broadcast(router, src=0, group=self.expert_shard.group)  # one router for all ranks
+        self.W_router = nn.Parameter(router)
+        self.b_router = nn.Parameter(torch.zeros(cfg.d_in, dtype=self.dtype, device=self.device))
+
+    @override
+    def routed_candidates(self, centered: Tensor, routing: Routing) -> tuple[Tensor, Dispatch | None]:
+        if self.expert_shard is None:
+            return super().routed_candidates(centered, routing)
+        dispatch = plan_dispatch(routing.experts, self.expert_shard)
+        omega = self.feature_scaling_omega()
+        return remote_candidates(centered, dispatch, self.W_enc, self.b_enc, omega), dispatch
+
+    @override
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        if self.expert_shard is not None:
+            raise RuntimeError(
+                "An expert-parallel SAE holds only its rank's experts, so it decodes only inside its training pass. "
+                "Gather it first: DistributedSAETrainingRunner saves the whole SAE, which SAE.load_from_disk opens."
+            )
+        return super().decode(feature_acts)
 
     @override
     def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -361,7 +438,7 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
             return sae_out.new_zeros(())
         k_aux = self.cfg.d_in // 2
         residual = (sae_in - sae_out).detach()
-        aux_recons = sparse_decode(auxk_code(encoding, dead, min(k_aux, n_dead)), self.W_dec, decoder_row_norms)
+        aux_recons = self.decode_code(auxk_code(encoding, dead, min(k_aux, n_dead)), encoding, decoder_row_norms)
         scale = min(n_dead / k_aux, 1.0)
         return self.cfg.aux_loss_coefficient * scale * (aux_recons - residual).pow(2).sum(dim=-1).mean()
 
@@ -386,7 +463,7 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         encoding = self.encode_routed(step_input.sae_in)
         feature_acts = self.hook_sae_acts_post(sparse_acts(encoding.code, self.cfg.d_sae))
         norms = self.decoder_row_norms()
-        decoded = sparse_decode(encoding.code, self.W_dec, norms) + self.b_dec
+        decoded = self.decode_code(encoding.code, encoding, norms) + self.b_dec
         sae_out = self.run_time_activation_norm_fn_out(self.hook_sae_recons(decoded))
         mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
         stats = self._batch_statistics(encoding, mse_loss, step_input.dead_neuron_mask)

@@ -32,6 +32,9 @@ class RoutedEncoding(NamedTuple):
     routing: Routing
     candidates: Tensor  # [batch, n_active_experts * m] pre-activations of the routed experts' latents, slot-major
     code: SparseCode
+    # With expert parallelism, how the assignments travelled to their experts' ranks (expert_parallel.Dispatch);
+    # the decode sends the activations back the same way. None on one device.
+    dispatch: Any = None
 
 
 def router_probs(sae_in: Tensor, W_router: Tensor, b_router: Tensor) -> Tensor:
@@ -116,42 +119,47 @@ def _blocks(offsets: Tensor) -> list[slice]:
 
 
 class _RoutedExpertMatmul(torch.autograd.Function):
-    """``x[token] @ W_enc[:, block of expert]`` for every (token, slot) assignment, in one autograd node.
+    """``x[token] @ blocks[expert]`` for every (token, slot) assignment, in one autograd node.
 
-    Slicing the flat W_enc per expert under autograd would make each slice's backward zero-fill a full-size gradient,
-    once per expert per step. Here the forward and both gradients are grouped products over the assignments sorted
-    by expert (``expert_matmul``, ``expert_weight_grad``), and the weight gradient is written once. Every permutation
-    is a gather, including the input gradient: each token has exactly n_active_experts assignments, so its gradient is
+    ``blocks`` is a ``[n_experts, K, N]`` view of a flat parameter (``expert_blocks`` for the encoder). Slicing the
+    flat parameter per expert under autograd would make each slice's backward zero-fill a full-size gradient, once
+    per expert per step. Here the forward and both gradients are grouped products over the assignments sorted by
+    expert (``expert_matmul``, ``expert_weight_grad``), and the weight gradient is written once. Every permutation is
+    a gather, including the input gradient: each token has exactly n_active_experts assignments, so its gradient is
     a sum over its slots rather than a scatter-add.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, W_enc: Tensor, groups: ExpertGroups) -> Tensor:
+    def forward(ctx: Any, x: Tensor, blocks: Tensor, groups: ExpertGroups) -> Tensor:
         n_active_experts = groups.order.numel() // x.shape[0]
         x_sorted = x.index_select(0, groups.order // n_active_experts)
-        out_sorted = expert_matmul(x_sorted, _expert_blocks(W_enc, groups.offsets.shape[0]), groups.offsets)
-        ctx.save_for_backward(x_sorted, W_enc)
+        out_sorted = expert_matmul(x_sorted, blocks, groups.offsets)
+        ctx.save_for_backward(x_sorted, blocks)
         ctx.groups, ctx.batch = groups, x.shape[0]
         return out_sorted.index_select(0, groups.unsort)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor, Tensor, None]:
         (grad_out,) = grad_outputs
-        x_sorted, W_enc = ctx.saved_tensors
+        x_sorted, blocks = ctx.saved_tensors
         groups: ExpertGroups = ctx.groups
-        n_experts = groups.offsets.shape[0]
         grad_sorted = grad_out.index_select(0, groups.order)
         grad_blocks = expert_weight_grad(x_sorted, grad_sorted, groups.offsets)
-        grad_W = grad_blocks.transpose(0, 1).reshape(W_enc.shape)
-        grad_x_sorted = expert_matmul(grad_sorted, _expert_blocks(W_enc, n_experts).transpose(1, 2), groups.offsets)
+        grad_x_sorted = expert_matmul(grad_sorted, blocks.transpose(1, 2), groups.offsets)
         grad_x = grad_x_sorted.index_select(0, groups.unsort).view(ctx.batch, -1, x_sorted.shape[1]).sum(1)
-        return grad_x, grad_W, None
+        return grad_x, grad_blocks, None
 
 
-def _expert_blocks(W: Tensor, n_experts: int) -> Tensor:
+def expert_blocks(W_enc: Tensor, n_experts: int) -> Tensor:
     """View a flat [d_in, d_sae] encoder as [n_experts, d_in, m] without copying."""
-    d_in, d_sae = W.shape
-    return W.view(d_in, n_experts, d_sae // n_experts).transpose(0, 1)
+    d_in, d_sae = W_enc.shape
+    return W_enc.view(d_in, n_experts, d_sae // n_experts).transpose(0, 1)
+
+
+def routed_matmul(x: Tensor, blocks: Tensor, experts: Tensor) -> Tensor:
+    """``x[token] @ blocks[expert]`` for each of the token's routed experts: ``[batch, n_active_experts, N]``."""
+    out = _RoutedExpertMatmul.apply(x, blocks, group_by_expert(experts, blocks.shape[0]))
+    return out.view(x.shape[0], experts.shape[1], blocks.shape[2])
 
 
 def routed_preactivations(
@@ -169,14 +177,12 @@ def routed_preactivations(
     the mean of ``x @ W_i`` over the block, the scaled pre-activation is ``g + omega_i * (g - mean(g))`` with
     ``g = x @ W_i``: no full-size weight is ever built.
     """
-    batch, n_active_experts = experts.shape
     expert_width = W_enc.shape[1] // n_experts
     x, weights = sae_in_centered.to(W_enc.dtype), W_enc
     if torch.is_autocast_enabled(x.device.type):
         compute_dtype = torch.get_autocast_dtype(x.device.type)
         x, weights = x.to(compute_dtype), W_enc.to(compute_dtype)
-    preacts = _RoutedExpertMatmul.apply(x, weights, group_by_expert(experts, n_experts))
-    preacts = preacts.view(batch, n_active_experts, expert_width)
+    preacts = routed_matmul(x, expert_blocks(weights, n_experts), experts)
     if omega is not None:
         centred = preacts - preacts.mean(dim=-1, keepdim=True)
         preacts = preacts + omega[experts].unsqueeze(-1) * centred

@@ -59,7 +59,7 @@ class ScaleTrainingSAE(RoutedTrainingSAE[ScaleTrainingSAEConfig]):
     def initialize_weights(self) -> None:
         super().initialize_weights()
         if self.cfg.feature_scaling == "mean":
-            self.omega = nn.Parameter(torch.zeros(self.cfg.n_experts, dtype=self.dtype, device=self.device))
+            self.omega = nn.Parameter(torch.zeros(self.n_local_experts, dtype=self.dtype, device=self.device))
 
     @override
     def feature_scaling_omega(self) -> Tensor | None:

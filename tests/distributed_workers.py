@@ -15,12 +15,14 @@ import torch
 import torch.distributed as dist
 from sae_lens import LoggingConfig
 from sae_lens.config import SAETrainerConfig
-from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig, TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.multiprocessing.spawn import start_processes
 
+from sae_lens_scale import RoutedTrainingSAE
 from sae_lens_scale.distributed import DistributedSAETrainingRunner, init_data_parallel, replicate_training_pass
+from sae_lens_scale.expert_parallel import gathered_state_dict, shard_of
 from tests.conftest import build_tiny_model, build_token_dataset
 from tests.helpers import tiny_runner_config, tiny_sae_config
 
@@ -80,28 +82,37 @@ def train_with_trainer(
         dist.destroy_process_group()
 
 
-def train_steps(config: dict[str, Any], batches: torch.Tensor, rank: int, world_size: int) -> TrainingSAE[Any]:
-    """The training the data-parallel test compares: one process (world_size 1) or one rank of several."""
+def train_steps(
+    config: dict[str, Any],
+    batches: torch.Tensor,
+    rank: int,
+    world_size: int,
+    initial_state: dict[str, torch.Tensor] | None = None,
+) -> TrainingSAE[Any]:
+    """The training the parallel tests compare: one process (world_size 1) or one data-parallel rank of several."""
     torch.manual_seed(0)
     sae = TrainingSAE.from_dict(TrainingSAEConfig.from_dict(config).to_dict())
+    if initial_state is not None:
+        sae.load_state_dict(initial_state)
     per_rank = batches.shape[1] // world_size
     stream = iter(batches[:, rank * per_rank : (rank + 1) * per_rank])
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=STEPS * per_rank,
-        train_batch_size_samples=per_rank,
-        lr=1e-2,
-        lr_end=1e-2,
-        dead_feature_window=1,
-        logger=LoggingConfig(log_to_wandb=False),
-    )
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=stream)
+    trainer = SAETrainer(cfg=trainer_config(per_rank), sae=sae, data_provider=stream)
     if world_size > 1:
         replicate_training_pass(sae)
     return trainer.fit()
 
 
-def run_runner(rank: int, world_size: int, port: int, architecture: str, output: str, fail_on_rank: int) -> None:
-    """SAELens's runner, data-parallel, on the tiny model and the in-memory tokens; optionally one rank fails."""
+def run_runner(
+    rank: int,
+    world_size: int,
+    port: int,
+    architecture: str,
+    output: str,
+    fail_on_rank: int,
+    expert_parallel: bool = False,
+) -> None:
+    """SAELens's runner on several ranks (data or expert parallel) on the tiny model and the in-memory tokens;
+    optionally one rank fails."""
     join_group(rank, world_size, port)
     model = build_tiny_model()
     if rank == fail_on_rank:
@@ -111,7 +122,9 @@ def run_runner(rank: int, world_size: int, port: int, architecture: str, output:
 
         model.add_perma_hook("blocks.1.hook_resid_pre", fail)
     cfg = tiny_runner_config(
-        tiny_sae_config(architecture, normalize_activations="expected_average_only_in"),
+        tiny_sae_config(
+            architecture, normalize_activations="expected_average_only_in", expert_parallel=expert_parallel
+        ),
         Path(output),
         training_tokens=20 * 256 * world_size,
         n_batches_for_norm_estimate=2,
@@ -122,3 +135,72 @@ def run_runner(rank: int, world_size: int, port: int, architecture: str, output:
         runner.run()
     finally:
         dist.destroy_process_group()
+
+
+def expert_parallel_pass(
+    rank: int, world_size: int, port: int, config: dict[str, Any], inputs_path: str, out_path: str
+) -> None:
+    """One training pass (forward, backward, gradient sync) of this rank's experts on its half of the batch."""
+    join_group(rank, world_size, port)
+    init_data_parallel("cpu")
+    try:
+        inputs = load_file(inputs_path)
+        sae = expert_parallel_sae(config, inputs)
+        per_rank = inputs["x"].shape[0] // world_size
+        x = inputs["x"][rank * per_rank : (rank + 1) * per_rank]
+        step = TrainStepInput(x, {}, inputs["dead"].bool(), n_training_steps=1, is_logging_step=False)
+        out = sae.training_forward_pass(step)
+        out.loss.backward()
+        results = {f"loss/{name}": value.detach().view(1) for name, value in out.losses.items()}
+        results["sae_out"] = out.sae_out.detach()
+        grads = {name: param.grad for name, param in sae.named_parameters() if param.grad is not None}
+        results |= {f"grad/{name}": grad.contiguous() for name, grad in grads.items()}
+        results |= {f"param/{name}": param.detach().contiguous() for name, param in sae.named_parameters()}
+        save_file(results, f"{out_path}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def expert_parallel_training(
+    rank: int, world_size: int, port: int, config: dict[str, Any], inputs_path: str, out_path: str
+) -> None:
+    """STEPS of SAELens's trainer with this rank's experts, then the whole SAE gathered on rank 0."""
+    join_group(rank, world_size, port)
+    init_data_parallel("cpu")
+    try:
+        inputs = load_file(inputs_path)
+        sae = expert_parallel_sae(config, inputs)
+        assert sae.expert_shard is not None
+        batches = inputs["batches"]
+        per_rank = batches.shape[1] // world_size
+        trainer = SAETrainer(
+            cfg=trainer_config(per_rank),
+            sae=sae,
+            data_provider=iter(batches[:, rank * per_rank : (rank + 1) * per_rank]),
+        )
+        trainer.fit()
+        full = gathered_state_dict(sae.state_dict(), sae.expert_shard)
+        if rank == 0:
+            save_file({name: tensor.contiguous() for name, tensor in full.items()}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def expert_parallel_sae(config: dict[str, Any], inputs: dict[str, torch.Tensor]) -> RoutedTrainingSAE[Any]:
+    """This rank's share of the SAE whose whole state is in ``inputs`` (prefix ``state/``)."""
+    sae = TrainingSAE.from_dict(TrainingSAEConfig.from_dict(config | {"expert_parallel": True}).to_dict())
+    assert isinstance(sae, RoutedTrainingSAE) and sae.expert_shard is not None
+    full = {name.removeprefix("state/"): tensor for name, tensor in inputs.items() if name.startswith("state/")}
+    sae.load_state_dict(shard_of(full, sae.expert_shard, sae.cfg.n_experts))
+    return sae
+
+
+def trainer_config(batch: int) -> SAETrainerConfig:
+    return SAETrainerConfig(
+        total_training_samples=STEPS * batch,
+        train_batch_size_samples=batch,
+        lr=1e-2,
+        lr_end=1e-2,
+        dead_feature_window=1,
+        logger=LoggingConfig(log_to_wandb=False),
+    )

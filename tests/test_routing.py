@@ -11,6 +11,7 @@ from sae_lens_scale.routing import (
     _RoutedExpertMatmul,
     auxk_code,
     dense_acts,
+    expert_blocks,
     expert_fractions,
     feature_scaled_encoder,
     global_topk,
@@ -56,7 +57,7 @@ def test_routed_expert_matmul_passes_gradcheck_with_an_empty_expert() -> None:
     W_enc = torch.randn(4, 12, dtype=torch.float64, generator=generator, requires_grad=True)  # 4 experts of 3
     groups = group_by_expert(EXPERTS, n_experts=4)
     assert not uses_grouped_mm(torch.float64, 4, 3)
-    assert torch.autograd.gradcheck(lambda x, W: _RoutedExpertMatmul.apply(x, W, groups), (x, W_enc))
+    assert torch.autograd.gradcheck(lambda x, W: _RoutedExpertMatmul.apply(x, expert_blocks(W, 4), groups), (x, W_enc))
 
 
 @pytest.mark.parametrize(
@@ -71,7 +72,7 @@ def test_routed_expert_matmul_equals_per_token_products(
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(5, d_in, dtype=dtype, generator=generator, requires_grad=True)
     W_enc = torch.randn(d_in, 4 * width, dtype=dtype, generator=generator, requires_grad=True)
-    out = _RoutedExpertMatmul.apply(x, W_enc, group_by_expert(EXPERTS, n_experts=4))
+    out = _RoutedExpertMatmul.apply(x, expert_blocks(W_enc, 4), group_by_expert(EXPERTS, n_experts=4))
     grad_out = torch.randn(out.shape, dtype=dtype, generator=generator)
     out.backward(grad_out)
 

@@ -1,0 +1,99 @@
+"""Expert parallelism on the CPU: two gloo ranks, each holding half of the experts, against one process holding them
+all and fed the whole batch."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from sae_lens import SAE
+from sae_lens.saes.sae import TrainingSAE, TrainStepInput
+from safetensors.torch import load_file, save_file
+
+from sae_lens_scale import ScaleSAE, ScaleTrainingSAEConfig, SwitchTrainingSAEConfig
+from sae_lens_scale.expert_parallel import SHARDED_DIMS
+from sae_lens_scale.routed_sae import RoutedTrainingSAE
+from tests.distributed_workers import (
+    STEPS,
+    expert_parallel_pass,
+    expert_parallel_training,
+    launch,
+    run_runner,
+    train_steps,
+)
+from tests.helpers import perturbed
+
+SHAPE = {"d_in": 16, "d_sae": 64, "k": 6, "dtype": "float64"}
+CONFIGS = {
+    "scale": ScaleTrainingSAEConfig(n_experts=8, n_active_experts=2, **SHAPE),
+    "switch": SwitchTrainingSAEConfig(n_experts=8, **SHAPE),
+}
+BATCH = 48
+
+
+def whole_sae(architecture: str) -> RoutedTrainingSAE[Any]:
+    """Every expert on one process, moved off its init so every term matters."""
+    torch.manual_seed(0)
+    sae = TrainingSAE.from_dict(CONFIGS[architecture].to_dict())
+    assert isinstance(sae, RoutedTrainingSAE)
+    return perturbed(sae, seed=1, scale=0.3)
+
+
+@pytest.mark.parametrize("architecture", list(CONFIGS))
+def test_forward_losses_and_gradients_equal_one_process(architecture: str, tmp_path: Path) -> None:
+    """float64: every rank's outputs for its tokens, the mean of the ranks' loss terms and every gradient (after
+    the global clip to norm 1 that one process's trainer applies) match the SAE holding every expert."""
+    sae = whole_sae(architecture)
+    generator = torch.Generator().manual_seed(2)
+    x = 2 * torch.randn(BATCH, 16, dtype=torch.float64, generator=generator) + 1
+    dead = torch.rand(64, generator=generator) < 0.5
+    out = sae.training_forward_pass(TrainStepInput(x, {}, dead, n_training_steps=1, is_logging_step=False))
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+    inputs = {"x": x, "dead": dead.to(torch.uint8), **{f"state/{k}": v for k, v in sae.state_dict().items()}}
+    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+
+    config = CONFIGS[architecture].to_dict()
+    launch(expert_parallel_pass, 2, config, str(tmp_path / "inputs.safetensors"), str(tmp_path / "out"))
+    ranks = [load_file(tmp_path / f"out.rank{rank}") for rank in range(2)]
+    torch.testing.assert_close(torch.cat([r["sae_out"] for r in ranks]), out.sae_out, rtol=1e-10, atol=1e-10)
+    for name, value in out.losses.items():
+        mean = (ranks[0][f"loss/{name}"] + ranks[1][f"loss/{name}"]) / 2
+        torch.testing.assert_close(mean[0], value.detach(), rtol=1e-10, atol=1e-10, msg=name)
+    assert out.losses["auxiliary_reconstruction_loss"] > 0
+    for name, param in sae.named_parameters():
+        assert param.grad is not None
+        if name in SHARDED_DIMS:
+            gathered = torch.cat([r[f"grad/{name}"] for r in ranks], dim=SHARDED_DIMS[name])
+            assert ranks[0][f"param/{name}"].numel() * 2 == param.numel()  # each rank holds half of the experts
+        else:
+            gathered = ranks[0][f"grad/{name}"]
+            torch.testing.assert_close(ranks[1][f"grad/{name}"], gathered, rtol=0, atol=0)  # replicated: the same
+        torch.testing.assert_close(gathered, param.grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("architecture", list(CONFIGS))
+def test_two_ranks_of_experts_train_the_sae_of_one_process(architecture: str, tmp_path: Path) -> None:
+    sae = whole_sae(architecture)
+    generator = torch.Generator().manual_seed(3)
+    batches = torch.randn(STEPS, BATCH, 16, dtype=torch.float64, generator=generator) + torch.linspace(-2, 2, 16)
+    inputs = {"batches": batches, **{f"state/{k}": v for k, v in sae.state_dict().items()}}
+    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    config = CONFIGS[architecture].to_dict()
+
+    launch(expert_parallel_training, 2, config, str(tmp_path / "inputs.safetensors"), str(tmp_path / "trained"))
+    sharded = load_file(tmp_path / "trained")
+    whole = train_steps(config, batches, rank=0, world_size=1, initial_state=sae.state_dict())
+    assert sharded.keys() == whole.state_dict().keys()
+    for name, tensor in whole.state_dict().items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=1e-8, atol=1e-10, msg=name)
+    assert not torch.allclose(whole.state_dict()["W_dec"], sae.state_dict()["W_dec"])
+
+
+def test_the_runner_with_expert_parallelism_writes_one_ordinary_folder(tmp_path: Path) -> None:
+    launch(run_runner, 2, "scale", str(tmp_path), -1, True)
+    sae = SAE.load_from_disk(tmp_path / "final")
+    assert isinstance(sae, ScaleSAE) and sae.W_enc.shape == (32, 128)  # the whole SAE, gathered from both ranks
+    (run,) = (tmp_path / "checkpoints").iterdir()  # one run id for all ranks, each rank's experts in its folder
+    assert sorted(path.name for path in run.iterdir()) == ["rank-0", "rank-1"]
+    assert torch.isfinite(sae(torch.randn(64, 32))).all()
