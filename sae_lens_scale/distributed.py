@@ -14,7 +14,11 @@ ranks with batch B / N train as one process with batch B. What makes them the sa
 Rank 0 alone logs to wandb, writes checkpoints and writes the final SAELens folder. A failed rank ends the job:
 torchrun stops the others, and every collective has a timeout, so no rank waits forever.
 
-    torchrun --nproc-per-node 8 -m sae_lens_scale.train ...            # or, in a script run by torchrun:
+With ``expert_parallel=True`` in the routed SAE's config the same runner splits the experts over the ranks instead
+of replicating them (``sae_lens_scale.expert_parallel``): checkpoints are then written per rank, and the final folder
+holds the whole SAE, gathered on rank 0.
+
+    torchrun --nproc-per-node 8 examples/train_gpt2_scale.py ...   # a script that runs, on every rank:
     DistributedSAETrainingRunner(cfg).run()
 """
 

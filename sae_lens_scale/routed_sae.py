@@ -417,7 +417,7 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         hidden_pre: Tensor,
         sae_out: Tensor,
     ) -> dict[str, Tensor]:
-        """SAELens's hook for a dense pass; the routed losses need the routing and live in ``routed_losses``."""
+        """SAELens's hook for a dense pass; the routed losses need the routing and live in the training pass."""
         return {}
 
     def auxk_loss(

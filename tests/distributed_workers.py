@@ -110,6 +110,7 @@ def run_runner(
     output: str,
     fail_on_rank: int,
     expert_parallel: bool = False,
+    resume_from_checkpoint: str | None = None,
 ) -> None:
     """SAELens's runner on several ranks (data or expert parallel) on the tiny model and the in-memory tokens;
     optionally one rank fails."""
@@ -129,6 +130,7 @@ def run_runner(
         training_tokens=20 * 256 * world_size,
         n_batches_for_norm_estimate=2,
         n_checkpoints=1,
+        resume_from_checkpoint=resume_from_checkpoint,
     )
     runner = DistributedSAETrainingRunner(cfg, override_dataset=build_token_dataset(), override_model=model)
     try:

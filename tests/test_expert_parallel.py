@@ -97,3 +97,16 @@ def test_the_runner_with_expert_parallelism_writes_one_ordinary_folder(tmp_path:
     (run,) = (tmp_path / "checkpoints").iterdir()  # one run id for all ranks, each rank's experts in its folder
     assert sorted(path.name for path in run.iterdir()) == ["rank-0", "rank-1"]
     assert torch.isfinite(sae(torch.randn(64, 32))).all()
+
+
+def test_a_run_resumes_each_rank_from_its_own_experts(tmp_path: Path) -> None:
+    """The first run saves a checkpoint per rank halfway; the second resumes from rank 0's, every rank reading its
+    own sibling folder, and finishes with one ordinary folder."""
+    launch(run_runner, 2, "switch", str(tmp_path / "first"), -1, True)
+    (run,) = (tmp_path / "first" / "checkpoints").iterdir()
+    (halfway,) = (run / "rank-0").iterdir()
+    assert (run / "rank-1" / halfway.name / "sae_weights.safetensors").is_file()
+    launch(run_runner, 2, "switch", str(tmp_path / "second"), -1, True, str(halfway))
+    resumed = SAE.load_from_disk(tmp_path / "second" / "final")
+    first = SAE.load_from_disk(tmp_path / "first" / "final")
+    assert resumed.W_dec.shape == first.W_dec.shape == (128, 32)

@@ -193,7 +193,13 @@ def test_crossing_is_where_scale_gets_below_topk_for_good() -> None:
 
 
 @pytest.mark.parametrize(
-    ("stem", "n_saes"), [("quality-cpu-quick", 14), ("quality-cpu", 14), ("quality-cpu-longer", 4)]
+    ("stem", "n_saes"),
+    [
+        ("quality-cpu", 14),
+        ("2026-11-recipe/quality-cpu", 14),  # the recipe before the liveness study, kept for comparison
+        ("2026-11-recipe/quality-cpu-quick", 14),
+        ("2026-11-recipe/quality-cpu-longer", 4),
+    ],
 )
 def test_committed_results_are_well_formed(stem: str, n_saes: int) -> None:
     result = json.loads((BENCHMARKS / "results" / f"{stem}.json").read_text())
