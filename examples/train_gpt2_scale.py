@@ -17,8 +17,13 @@ from sae_lens_scale import ScaleTrainingSAEConfig
 from sae_lens_scale.distributed import DistributedSAETrainingRunner
 
 
-def paper_config(training_tokens: int, output: str, device: str, log_to_wandb: bool) -> LanguageModelSAERunnerConfig:
+def paper_config(
+    training_tokens: int, output: str, device: str, log_to_wandb: bool, world_size: int = 1
+) -> LanguageModelSAERunnerConfig:
+    """The paper's run; with ``world_size`` data-parallel ranks each takes 4096 tokens a step, so the run has
+    ``world_size`` times fewer steps and the learning-rate schedule is counted in them."""
     batch_tokens = 4096
+    n_steps = training_tokens // (batch_tokens * world_size)
     return LanguageModelSAERunnerConfig(
         sae=ScaleTrainingSAEConfig(
             d_in=768,
@@ -39,7 +44,7 @@ def paper_config(training_tokens: int, output: str, device: str, log_to_wandb: b
         train_batch_size_tokens=batch_tokens,
         lr=3e-4,
         lr_warm_up_steps=1000,
-        lr_decay_steps=training_tokens // batch_tokens // 5,
+        lr_decay_steps=n_steps // 5,
         device=device,
         checkpoint_path=f"{output}/checkpoints",
         output_path=f"{output}/final",
@@ -54,12 +59,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
     args = parser.parse_args()
-    cfg = paper_config(args.training_tokens, args.output, args.device, args.wandb)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets it
+    cfg = paper_config(args.training_tokens, args.output, args.device, args.wandb, world_size)
     print(
         f"Config built: {cfg.sae.architecture()} d_sae={cfg.sae.d_sae} n_experts={cfg.sae.n_experts} "
         f"e={cfg.sae.n_active_experts} k={cfg.sae.k} on {cfg.model_name} {cfg.hook_name}"
     )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one data-parallel rank
+    if world_size > 1:  # started by torchrun: one data-parallel rank
         DistributedSAETrainingRunner(cfg).run()
     else:
         LanguageModelSAETrainingRunner(cfg).run()

@@ -9,20 +9,22 @@ ranks with batch B / N train as one process with batch B. What makes them the sa
   rank clips the same (global) gradient norm and takes the same Adam step;
 - the routed SAEs reduce what their losses need from the whole batch (expert fractions, dead latents, the loss
   guard) and set their biases from every rank's first batch (``RoutedTrainingSAE.data_parallel_group``);
-- the activation-norm scaling factor is the mean of the ranks' estimates.
+- every rank scales its activations by one factor, computed from the mean of the ranks' activation-norm estimates;
+- the final firing statistics (the saved sparsity, L0 and dead count) pool every rank's tokens.
 
 Rank 0 alone logs to wandb, writes checkpoints and writes the final SAELens folder. A failed rank ends the job:
 torchrun stops the others, and every collective has a timeout, so no rank waits forever.
 
 With ``expert_parallel=True`` in the routed SAE's config the same runner splits the experts over the ranks instead
 of replicating them (``sae_lens_scale.expert_parallel``): checkpoints are then written per rank, and the final folder
-holds the whole SAE, gathered on rank 0.
+holds the whole SAE, gathered into rank 0's CPU memory.
 
     torchrun --nproc-per-node 8 examples/train_gpt2_scale.py ...   # a script that runs, on every rank:
     DistributedSAETrainingRunner(cfg).run()
 """
 
 import os
+import warnings
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -30,11 +32,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
+from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_scale.expert_parallel import gathered_state_dict
 from sae_lens_scale.routed_sae import RoutedTrainingSAE
@@ -42,19 +48,39 @@ from sae_lens_scale.routed_sae import RoutedTrainingSAE
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def init_data_parallel(device: str, timeout: timedelta = DEFAULT_TIMEOUT) -> tuple[int, int]:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA) unless already in one; (rank, world)."""
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA) unless already in one; (rank, world).
+
+    A process group the caller created keeps its own timeout.
+    """
     if not dist.is_initialized():
+        missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+        if missing:
+            raise RuntimeError(
+                f"DistributedSAETrainingRunner runs as one rank of several, and the environment lacks {missing}: "
+                "start the script with `torchrun --nproc-per-node N script.py`, or call "
+                "torch.distributed.init_process_group yourself first. On one device use "
+                "LanguageModelSAETrainingRunner."
+            )
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
 def rank_device(device: str) -> str:
-    """CUDA ranks each take their own GPU (torchrun's LOCAL_RANK); CPU ranks share the CPU."""
+    """CUDA ranks each take their own GPU (torchrun's LOCAL_RANK) and make it current; CPU ranks share the CPU."""
     if torch.device(device).type != "cuda":
         return device
-    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
+    n_gpus = torch.cuda.device_count()
+    local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else dist.get_rank() % max(n_gpus, 1)
+    if local_rank >= n_gpus:
+        raise RuntimeError(
+            f"LanguageModelSAERunnerConfig.device={device!r}, but this rank's GPU (local rank {local_rank}) is not "
+            f"among the {n_gpus} visible GPUs: start at most {n_gpus} ranks per machine, or set device='cpu'."
+        )
     torch.cuda.set_device(local_rank)
     return f"cuda:{local_rank}"
 
@@ -72,35 +98,57 @@ class _TrainingPass(nn.Module):
         return self.training_forward_pass(step_input)
 
 
-def replicate_training_pass(sae: TrainingSAE[Any], group: dist.ProcessGroup | None = None) -> None:
+def replicate_training_pass(sae: TrainingSAE[Any]) -> None:
     """Make ``sae`` one data-parallel replica: its training pass goes through DistributedDataParallel.
 
     SAELens's trainer calls ``sae.training_forward_pass`` and then ``loss.backward()``; the pass is rerouted exactly as
-    SAELens's own ``compile_sae`` reroutes it through ``torch.compile``, and DDP averages the gradients over ``group``
+    SAELens's own ``compile_sae`` reroutes it through ``torch.compile``, and DDP averages the gradients over all ranks
     during that backward. Works for any SAELens architecture; the routed ones also reduce their batch statistics.
     """
     device = next(sae.parameters()).device
     device_ids = [device] if device.type == "cuda" else None
-    replica = DistributedDataParallel(_TrainingPass(sae), device_ids=device_ids, process_group=group)
+    replica = DistributedDataParallel(_TrainingPass(sae), device_ids=device_ids)
     sae.training_forward_pass = replica.__call__  # type: ignore[method-assign]
     if isinstance(sae, RoutedTrainingSAE):
-        sae.data_parallel_group = group or dist.group.WORLD
+        sae.data_parallel_group = dist.group.WORLD
 
 
-def shard(dataset: Any, rank: int, world_size: int) -> Any:
+def shard(dataset: HfDataset, rank: int, world_size: int) -> Dataset | IterableDataset:
     """This rank's disjoint part of a Hugging Face ``Dataset`` or ``IterableDataset`` (``dataset.shard``)."""
+    if isinstance(dataset, DatasetDict | IterableDatasetDict):
+        raise ValueError(
+            f"The training dataset is a {type(dataset).__name__} with splits {list(dataset)}: pass one split, "
+            "e.g. dataset['train']."
+        )
     return dataset.shard(num_shards=world_size, index=rank)
+
+
+def shard_activation_store(store: ActivationsStore, rank: int, world_size: int) -> None:
+    """Give the store only this rank's part of its token dataset and of its cached activations, if it has them."""
+    if store.dataset is not None:
+        store.dataset = shard(store.dataset, rank, world_size)
+    if store.cached_activation_dataset is not None:
+        store.cached_activation_dataset = store.cached_activation_dataset.shard(num_shards=world_size, index=rank)
 
 
 def rank_config(
     cfg: LanguageModelSAERunnerConfig[Any], rank: int, world_size: int
 ) -> LanguageModelSAERunnerConfig[Any]:
-    """This rank's share of the run: its device, its part of ``training_tokens``; outputs and logging on rank 0 only."""
-    if cfg.training_tokens % (world_size * cfg.train_batch_size_tokens):
+    """This rank's share of the run: its device and its part of ``training_tokens``. Logging on rank 0 only; with
+    data parallelism outputs on rank 0 only, with expert parallelism checkpoints per rank."""
+    global_batch = world_size * cfg.train_batch_size_tokens
+    if cfg.training_tokens % global_batch:
         raise ValueError(
             f"LanguageModelSAERunnerConfig.training_tokens={cfg.training_tokens} is not a whole number of global "
             f"batches of {world_size} ranks x train_batch_size_tokens={cfg.train_batch_size_tokens}; use a multiple "
-            f"of {world_size * cfg.train_batch_size_tokens}."
+            f"of {global_batch}."
+        )
+    n_steps = cfg.training_tokens // global_batch
+    if cfg.lr_warm_up_steps + cfg.lr_decay_steps > n_steps:
+        raise ValueError(
+            f"LanguageModelSAERunnerConfig.lr_warm_up_steps={cfg.lr_warm_up_steps} + lr_decay_steps="
+            f"{cfg.lr_decay_steps} exceed the run's {n_steps} steps: each of the {world_size} ranks steps once per "
+            f"global batch of {global_batch} tokens. Count them in those steps, e.g. lr_decay_steps={n_steps // 5}."
         )
     device = rank_device(cfg.device)
     changes: dict[str, Any] = {"training_tokens": cfg.training_tokens // world_size}
@@ -115,14 +163,33 @@ def rank_config(
         if checkpoint_path is not None:
             checkpoint_path = f"{checkpoint_path}/rank-{rank}"
         if cfg.resume_from_checkpoint is not None:
-            resumed = Path(cfg.resume_from_checkpoint)
-            changes["resume_from_checkpoint"] = str(resumed.parent.parent / f"rank-{rank}" / resumed.name)
+            changes["resume_from_checkpoint"] = str(rank_checkpoint(Path(cfg.resume_from_checkpoint), rank, world_size))
     elif rank != 0:
         checkpoint_path = None
         changes |= {"n_checkpoints": 0, "save_final_checkpoint": False, "output_path": None}
     share = replace(cfg, **changes)
     share.checkpoint_path = checkpoint_path  # set after: the config's __post_init__ appends a fresh run id to it
     return share
+
+
+def rank_checkpoint(rank_0_checkpoint: Path, rank: int, world_size: int) -> Path:
+    """The expert-parallel checkpoint of ``rank`` beside rank 0's, checked to come from ``world_size`` ranks."""
+    run_folder = rank_0_checkpoint.parent.parent
+    if rank_0_checkpoint.parent.name != "rank-0":
+        raise ValueError(
+            f"LanguageModelSAERunnerConfig.resume_from_checkpoint={str(rank_0_checkpoint)!r}: an expert-parallel "
+            "run resumes from rank 0's checkpoint folder, <checkpoint_path>/<run id>/rank-0/<checkpoint>."
+        )
+    own = run_folder / f"rank-{rank}" / rank_0_checkpoint.name
+    beyond = run_folder / f"rank-{world_size}" / rank_0_checkpoint.name
+    if not own.is_dir() or beyond.is_dir():
+        found = f"{beyond} exists" if beyond.is_dir() else f"{own} is missing"
+        raise ValueError(
+            f"LanguageModelSAERunnerConfig.resume_from_checkpoint={str(rank_0_checkpoint)!r} was not written by "
+            f"{world_size} ranks ({found}). Each rank resumes its own experts: start as many ranks as wrote the "
+            "checkpoint (its rank-<r> folders)."
+        )
+    return own
 
 
 class DataParallelRankError(RuntimeError):
@@ -136,12 +203,13 @@ class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
     def __init__(
         self,
         cfg: LanguageModelSAERunnerConfig[Any],
-        override_dataset: Any = None,
-        override_model: Any = None,
+        override_dataset: HfDataset | None = None,
+        override_model: HookedRootModule | None = None,
         override_sae: TrainingSAE[Any] | None = None,
         timeout: timedelta = DEFAULT_TIMEOUT,
-    ):
+    ) -> None:
         self.rank, self.world_size = init_data_parallel(cfg.device, timeout)
+        rank_device(cfg.device)  # before the first collective: NCCL runs it on the current GPU
         if cfg.sae.normalize_activations == "covariance_whitening":
             raise ValueError(
                 "LanguageModelSAERunnerConfig.sae.normalize_activations='covariance_whitening' is estimated per "
@@ -158,7 +226,13 @@ class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
             cfg, override_dataset=override_dataset, override_model=override_model, override_sae=override_sae
         )
         if override_dataset is None:
-            self.activations_store.dataset = shard(self.activations_store.dataset, self.rank, self.world_size)
+            shard_activation_store(self.activations_store, self.rank, self.world_size)
+        if self.expert_parallel != getattr(cfg.sae, "expert_parallel", False):
+            raise ValueError(
+                f"LanguageModelSAERunnerConfig.sae.expert_parallel={getattr(cfg.sae, 'expert_parallel', False)}, but "
+                f"the SAE to train {'holds' if self.expert_parallel else 'does not hold'} a share of the experts "
+                "(override_sae or from_pretrained_path): set the config's expert_parallel to match the SAE."
+            )
 
     def run(self) -> TrainingSAE[Any]:
         """SAELens's run on this rank; an error on it ends the job as :class:`DataParallelRankError`."""
@@ -169,14 +243,31 @@ class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
                 f"rank {self.rank} of {self.world_size} failed: {type(error).__name__}: {error}"
             ) from error
 
+    @property
+    def expert_parallel(self) -> bool:
+        return isinstance(self.sae, RoutedTrainingSAE) and self.sae.expert_shard is not None
+
     def run_trainer_with_interruption_handling(self, trainer: SAETrainer[Any, Any]) -> TrainingSAE[Any]:
         """Before training: one activation scale for all ranks, then (data parallel) the SAE's training pass
-        replicated with DDP; an expert-parallel SAE synchronises its own gradients."""
+        replicated with DDP; an expert-parallel SAE synchronises its own gradients. After: the final firing
+        statistics over every rank's tokens."""
         if self.sae.cfg.normalize_activations == "expected_average_only_in":
             share_activation_scale(trainer)
-        if not (isinstance(self.sae, RoutedTrainingSAE) and self.sae.expert_shard is not None):
+        if self.expert_parallel:
+            if trainer.evaluator is not None and self.cfg.logger.log_to_wandb:
+                warnings.warn(
+                    "expert_parallel: SAELens evaluates the SAE during training on rank 0 alone, and an "
+                    "expert-parallel SAE encodes only with every rank taking part, so those evaluations are off. "
+                    "Evaluate the saved SAE with sae_lens.evals.run_evals.",
+                    stacklevel=2,
+                )
+            trainer.evaluator = None
+        else:
             replicate_training_pass(self.sae)
-        return super().run_trainer_with_interruption_handling(trainer)
+        sae = super().run_trainer_with_interruption_handling(trainer)
+        pool_firing_statistics(trainer)
+        trainer.set_final_sae_metadata()
+        return sae
 
     def save_final_sae(
         self, sae: TrainingSAE[Any], output_path: str, log_feature_sparsity: torch.Tensor | None = None
@@ -185,13 +276,25 @@ class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
         takes part), so the folder holds one ordinary SAE."""
         if isinstance(sae, RoutedTrainingSAE) and sae.expert_shard is not None:
             full = gathered_state_dict(sae.state_dict(), sae.expert_shard)
-            if self.rank != 0:
+            if full is None:
                 return
             whole = type(sae)(replace(sae.cfg, expert_parallel=False, device="cpu"))
-            whole.load_state_dict({name: tensor.cpu() for name, tensor in full.items()})
+            whole.load_state_dict(full)
             whole.cfg.metadata = sae.cfg.metadata
             sae = whole
         super().save_final_sae(sae, output_path, log_feature_sparsity)
+
+
+@torch.no_grad()
+def pool_firing_statistics(trainer: SAETrainer[Any, Any]) -> None:
+    """Every rank's firing statistics over all ranks' tokens: firing counts and samples add up, and a latent has
+    gone as long without firing as on the rank where it fired last. The final SAE's sparsity, L0 and dead count are
+    then the whole run's, not rank 0's."""
+    samples = torch.tensor(float(trainer.n_frac_active_samples), device=trainer.act_freq_scores.device)
+    for statistic in (trainer.act_freq_scores, samples):
+        dist.all_reduce(statistic)
+    dist.all_reduce(trainer.n_forward_passes_since_fired, op=dist.ReduceOp.MIN)
+    trainer.n_frac_active_samples = int(samples.item())
 
 
 def share_activation_scale(trainer: SAETrainer[Any, Any]) -> None:

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sae_lens_scale.routing import Routing, SparseCode, routed_matmul, routed_preactivations
+from sae_lens_scale.routing import Routing, SparseCode, group_by_expert, routed_matmul, routed_preactivations
+from sae_lens_scale.validation import ConfigError
 
 # The parameters that hold experts, and the dimension along which each one is split into expert blocks.
 SHARDED_DIMS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "omega": 0}
@@ -29,7 +30,7 @@ SHARDED_DIMS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "omega": 0}
 class ExpertShard(NamedTuple):
     """This rank's experts: ``n_local_experts`` of them, from expert ``rank * n_local_experts`` on."""
 
-    group: Any  # the torch.distributed process group the experts are split over
+    group: dist.ProcessGroup  # the process group the experts are split over
     rank: int
     world_size: int
     n_local_experts: int
@@ -45,11 +46,14 @@ def local_shard(n_experts: int) -> ExpertShard:
         )
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if n_experts % world_size:
-        raise ValueError(
-            f"expert_parallel=True needs n_experts={n_experts} to split evenly over the {world_size} ranks; use a "
-            "multiple of the number of ranks."
+        raise ConfigError(
+            f"expert_parallel=True: n_experts={n_experts} does not split evenly over the {world_size} ranks; set "
+            f"n_experts to a multiple of {world_size} (d_sae must stay a multiple of n_experts), or start "
+            "a number of ranks that divides it."
         )
-    return ExpertShard(dist.group.WORLD, rank, world_size, n_experts // world_size)
+    group = dist.group.WORLD
+    assert group is not None  # initialised above
+    return ExpertShard(group, rank, world_size, n_experts // world_size)
 
 
 class _Exchange(torch.autograd.Function):
@@ -57,7 +61,9 @@ class _Exchange(torch.autograd.Function):
     backward sends the gradients back along the same routes."""
 
     @staticmethod
-    def forward(ctx: Any, rows: Tensor, send_splits: list[int], recv_splits: list[int], group: Any) -> Tensor:
+    def forward(
+        ctx: Any, rows: Tensor, send_splits: list[int], recv_splits: list[int], group: dist.ProcessGroup
+    ) -> Tensor:
         received = rows.new_empty(sum(recv_splits), *rows.shape[1:])
         dist.all_to_all_single(received, rows.contiguous(), recv_splits, send_splits, group=group)
         ctx.splits, ctx.group = (send_splits, recv_splits), group
@@ -88,17 +94,16 @@ def plan_dispatch(experts: Tensor, shard: ExpertShard) -> Dispatch:
 
     The exchange sizes are read on the host: ``all_to_all_single`` takes them as lists.
     """
-    flat = experts.flatten()
-    order = flat.argsort(stable=True)
-    unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    send_counts = torch.bincount(flat // shard.n_local_experts, minlength=shard.world_size)
+    groups = group_by_expert(experts, shard.n_local_experts * shard.world_size)
+    rank_ends = groups.offsets[shard.n_local_experts - 1 :: shard.n_local_experts].long()
+    send_counts = rank_ends.diff(prepend=rank_ends.new_zeros(1))
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts, group=shard.group)
     send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
-    local_experts = flat.index_select(0, order) % shard.n_local_experts
+    local_experts = experts.flatten().index_select(0, groups.order) % shard.n_local_experts
     received = local_experts.new_empty(sum(recv_splits))
     dist.all_to_all_single(received, local_experts, recv_splits, send_splits, group=shard.group)
-    return Dispatch(order, unsort, send_splits, recv_splits, received.view(-1, 1), shard)
+    return Dispatch(groups.order, groups.unsort, send_splits, recv_splits, received.view(-1, 1), shard)
 
 
 def to_owners(sorted_rows: Tensor, dispatch: Dispatch) -> Tensor:
@@ -202,37 +207,48 @@ class GradientSync:
             grad.mul_(clip.to(grad.dtype))
 
 
-def gathered_state_dict(state_dict: dict[str, Tensor], shard: ExpertShard) -> dict[str, Tensor]:
-    """The whole SAE's state from every rank's shard (a collective: every rank calls it)."""
-    full = {}
+def gathered_state_dict(state_dict: dict[str, Tensor], shard: ExpertShard) -> dict[str, Tensor] | None:
+    """The whole SAE's state in rank 0's CPU memory, None on the other ranks (a collective: every rank calls it).
+
+    The shards travel to rank 0 one at a time, so no device ever holds more than its own shard and one received
+    shard: the gathered SAE may be wider than a device holds.
+    """
+    full: dict[str, Tensor] = {}
     for name, tensor in state_dict.items():
-        if name not in SHARDED_DIMS:
-            full[name] = tensor
-            continue
-        parts = [torch.empty_like(tensor) for _ in range(shard.world_size)]
-        dist.all_gather(parts, tensor.contiguous(), group=shard.group)
-        full[name] = torch.cat(parts, dim=SHARDED_DIMS[name])
-    return full
+        tensor = tensor.detach().contiguous()
+        if name in SHARDED_DIMS:
+            parts = [tensor.cpu()] if shard.rank == 0 else []
+            for source in range(1, shard.world_size):
+                if shard.rank == source:
+                    dist.send(tensor, dst=0, group=shard.group)
+                elif shard.rank == 0:
+                    received = torch.empty_like(tensor)
+                    dist.recv(received, src=source, group=shard.group)
+                    parts.append(received.cpu())
+            tensor = torch.cat(parts, dim=SHARDED_DIMS[name]) if parts else tensor
+        if shard.rank == 0:
+            full[name] = tensor.cpu()
+    return full if shard.rank == 0 else None
 
 
-def shard_of(full_state_dict: dict[str, Tensor], shard: ExpertShard, n_experts: int) -> dict[str, Tensor]:
-    """This rank's part of a whole SAE's state: to start an expert-parallel run from an SAE trained elsewhere."""
-    local = {}
-    for name, tensor in full_state_dict.items():
-        if name not in SHARDED_DIMS:
-            local[name] = tensor
-            continue
-        dim = SHARDED_DIMS[name]
-        per_expert = tensor.shape[dim] // n_experts
-        width = per_expert * shard.n_local_experts
-        local[name] = tensor.narrow(dim, shard.rank * width, width).contiguous()
-    return local
+def init_expert_shard(
+    shard: ExpertShard, expert_width: int, d_in: int, norm: float | None, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """This rank's decoder rows ``[n_local_experts * expert_width, d_in]``, as SAELens initialises a decoder
+    (Kaiming-uniform, then scaled to ``norm``), each expert drawn from its own generator.
 
-
-def init_decoder_shard(n_rows: int, d_in: int, norm: float | None, dtype: torch.dtype, device: Any) -> Tensor:
-    """This rank's decoder rows as SAELens initialises a decoder: Kaiming-uniform, then scaled to ``norm``."""
-    rows = torch.empty(n_rows, d_in, dtype=dtype, device=device)
-    nn.init.kaiming_uniform_(rows)
+    The generators are seeded from one number drawn on rank 0 plus the expert's global index, so every expert
+    starts different and the initial SAE does not depend on how many ranks share it.
+    """
+    rows = torch.empty(shard.n_local_experts * expert_width, d_in, dtype=dtype, device=device)
+    if device.type == "meta":
+        return rows
+    base_seed = torch.randint(2**62, (1,), device=device)
+    dist.broadcast(base_seed, src=0, group=shard.group)
+    seed = int(base_seed.item())
+    for local, block in enumerate(rows.split(expert_width)):
+        expert = shard.rank * shard.n_local_experts + local
+        nn.init.kaiming_uniform_(block, generator=torch.Generator(device).manual_seed(seed + expert))
     if norm is not None:
         rows *= norm / rows.norm(dim=-1, keepdim=True)
     return rows

@@ -41,7 +41,7 @@ from sae_lens_scale.expert_parallel import (
     Dispatch,
     ExpertShard,
     GradientSync,
-    init_decoder_shard,
+    init_expert_shard,
     local_shard,
     plan_dispatch,
     remote_candidates,
@@ -371,11 +371,13 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
             super().initialize_weights()
             return
         cfg = self.cfg
-        width = self.expert_shard.n_local_experts * (cfg.d_sae // cfg.n_experts)
-        W_dec = init_decoder_shard(width, cfg.d_in, cfg.decoder_init_norm, self.dtype, self.device)
+        expert_width = cfg.d_sae // cfg.n_experts
+        W_dec = init_expert_shard(
+            self.expert_shard, expert_width, cfg.d_in, cfg.decoder_init_norm, self.dtype, self.device
+        )
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.T.contiguous())
-        self.b_enc = nn.Parameter(torch.zeros(width, dtype=self.dtype, device=self.device))
+        self.b_enc = nn.Parameter(torch.zeros(W_dec.shape[0], dtype=self.dtype, device=self.device))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=self.dtype, device=self.device))
         bound = 1 / math.sqrt(cfg.d_in)
         router = torch.empty(cfg.d_in, cfg.n_experts, dtype=self.dtype, device=self.device).uniform_(-bound, bound)
@@ -452,7 +454,8 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         optimizer state untouched, and the error says where the bad values are.
 
         The step reads the device once (``_batch_statistics``), for that guard and two other scalars; nothing else
-        in it waits for the device, except on logging steps. The first step (``n_training_steps == 0``) first sets the
+        in it waits for the device, except on logging steps, in the per-expert fallback of ``routing.expert_matmul``
+        and, with ``expert_parallel``, for the exchange sizes. The first step (``n_training_steps == 0``) first sets the
         biases from its batch (``bias_init``): SAELens's trainer has no other hook that sees data before training.
         A refused first step puts them back.
         """
@@ -574,7 +577,7 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
                 f"experts' latents are starving. Raise load_balance_coefficient (now {cfg.load_balance_coefficient}) "
                 "or lower the learning rate; watch metrics/routing/max_expert_token_share.",
                 RuntimeWarning,
-                stacklevel=3,  # the trainer's call of training_forward_pass
+                stacklevel=3,  # the caller of training_forward_pass
             )
 
     @torch.no_grad()
@@ -598,6 +601,12 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
     @override
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         """Fold Feature Scaling into W_enc and the decoder norms into W_dec; drop training-only tensors."""
+        if self.expert_shard is not None:
+            raise RuntimeError(
+                f"This expert-parallel SAE holds only rank {self.expert_shard.rank}'s experts, and an inference folder "
+                "needs all of them: train it with sae_lens_scale.distributed's DistributedSAETrainingRunner, which "
+                "gathers the experts and saves the whole SAE."
+            )
         super().process_state_dict_for_saving_inference(state_dict)
         omega = state_dict.pop("omega", None)
         if omega is not None:

@@ -3,14 +3,17 @@
 Every function here works on a flat batch of tokens, ``[batch, d_in]``, and on the flat SAELens parameter layout
 (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``) with experts as contiguous blocks of ``m = d_sae / n_experts``
 latents. Only the experts a token is routed to are ever multiplied: that is the whole point of these architectures,
-and the reason a routed SAE trains an order of magnitude faster than a dense one of the same width.
+and why a routed SAE's encoder costs n_active_experts / n_experts of a dense one of the same width.
 """
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:  # expert_parallel imports this module
+    from sae_lens_scale.expert_parallel import Dispatch
 
 
 class Routing(NamedTuple):
@@ -32,9 +35,9 @@ class RoutedEncoding(NamedTuple):
     routing: Routing
     candidates: Tensor  # [batch, n_active_experts * m] pre-activations of the routed experts' latents, slot-major
     code: SparseCode
-    # With expert parallelism, how the assignments travelled to their experts' ranks (expert_parallel.Dispatch);
-    # the decode sends the activations back the same way. None on one device.
-    dispatch: Any = None
+    # With expert parallelism, how the assignments travelled to their experts' ranks; the decode sends the
+    # activations back the same way. None on one device.
+    dispatch: "Dispatch | None" = None
 
 
 def router_probs(sae_in: Tensor, W_router: Tensor, b_router: Tensor) -> Tensor:
@@ -275,7 +278,7 @@ def expert_fractions(routing: Routing, n_experts: int) -> Tensor:
 def load_balance_loss(probs: Tensor, fractions: Tensor) -> Tensor:
     """Switch Transformer balance loss ``N * sum_i f_i P_i``: 1 when balanced, up to N when collapsed.
 
-    ``fractions`` (f, from ``expert_fractions``) carries no gradient; ``probs [batch, n_experts]`` gives P, the mean
+    ``fractions`` (f, e.g. ``expert_fractions``) carries no gradient; ``probs [batch, n_experts]`` gives P, the mean
     router probability. Data-parallel replicas pass the whole batch's f with their own probs: their averaged
     gradients are then those of the whole batch's loss.
     """

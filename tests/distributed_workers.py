@@ -22,7 +22,7 @@ from torch.multiprocessing.spawn import start_processes
 
 from sae_lens_scale import RoutedTrainingSAE
 from sae_lens_scale.distributed import DistributedSAETrainingRunner, init_data_parallel, replicate_training_pass
-from sae_lens_scale.expert_parallel import gathered_state_dict, shard_of
+from sae_lens_scale.expert_parallel import SHARDED_DIMS, ExpertShard, gathered_state_dict
 from tests.conftest import build_tiny_model, build_token_dataset
 from tests.helpers import tiny_runner_config, tiny_sae_config
 
@@ -182,10 +182,38 @@ def expert_parallel_training(
         )
         trainer.fit()
         full = gathered_state_dict(sae.state_dict(), sae.expert_shard)
-        if rank == 0:
-            save_file({name: tensor.contiguous() for name, tensor in full.items()}, out_path)
+        if full is not None:
+            save_file(full, out_path)
     finally:
         dist.destroy_process_group()
+
+
+def expert_parallel_init(rank: int, world_size: int, port: int, config: dict[str, Any], out_path: str) -> None:
+    """A fresh expert-parallel SAE from seed 0, gathered on rank 0."""
+    join_group(rank, world_size, port)
+    init_data_parallel("cpu")
+    try:
+        torch.manual_seed(0)
+        sae = TrainingSAE.from_dict(TrainingSAEConfig.from_dict(config | {"expert_parallel": True}).to_dict())
+        assert isinstance(sae, RoutedTrainingSAE) and sae.expert_shard is not None
+        full = gathered_state_dict(sae.state_dict(), sae.expert_shard)
+        if full is not None:
+            save_file(full, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def shard_of(full_state_dict: dict[str, torch.Tensor], shard: ExpertShard, n_experts: int) -> dict[str, torch.Tensor]:
+    """This rank's part of a whole SAE's state: the experts it owns, and every replicated tensor."""
+    local = {}
+    for name, tensor in full_state_dict.items():
+        if name not in SHARDED_DIMS:
+            local[name] = tensor
+            continue
+        dim = SHARDED_DIMS[name]
+        rank_width = tensor.shape[dim] // n_experts * shard.n_local_experts
+        local[name] = tensor.narrow(dim, shard.rank * rank_width, rank_width).contiguous()
+    return local
 
 
 def expert_parallel_sae(config: dict[str, Any], inputs: dict[str, torch.Tensor]) -> RoutedTrainingSAE[Any]:

@@ -3,6 +3,7 @@ process fed the whole batch."""
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from torch.multiprocessing.spawn import ProcessRaisedException
 
 from sae_lens_scale import ScaleSAE, ScaleTrainingSAEConfig, SwitchTrainingSAEConfig
-from sae_lens_scale.distributed import rank_config, shard
+from sae_lens_scale.distributed import rank_checkpoint, rank_config, shard, shard_activation_store
 from tests.conftest import build_token_dataset
 from tests.distributed_workers import STEPS, launch, run_runner, train_steps, train_with_trainer
 from tests.helpers import tiny_runner_config, tiny_sae_config
@@ -78,3 +79,37 @@ def test_each_rank_gets_its_own_share_of_tokens_and_rank_0_alone_writes() -> Non
     for rank in range(3):
         rows += shard(build_token_dataset(30), rank, 3)["input_ids"]
     assert sorted(map(tuple, rows)) == sorted(map(tuple, build_token_dataset(30)["input_ids"]))  # disjoint, complete
+
+
+def test_the_learning_rate_schedule_must_fit_the_steps_each_rank_takes() -> None:
+    """3 ranks x 256 tokens x 4 steps: a schedule counted in one device's 12 steps is refused, with the fix."""
+    sae_cfg = tiny_sae_config("scale")
+    fitting = tiny_runner_config(sae_cfg, Path("out"), training_tokens=3 * 256 * 4, lr_decay_steps=3)
+    assert rank_config(fitting, 0, 3).lr_decay_steps == 3
+    too_long = tiny_runner_config(sae_cfg, Path("out"), training_tokens=3 * 256 * 4, lr_decay_steps=10)
+    with pytest.raises(ValueError, match=r"lr_warm_up_steps=0 \+ lr_decay_steps=10 exceed the run's 4 steps"):
+        rank_config(too_long, 0, 3)
+
+
+def test_cached_activations_are_sharded_like_tokens() -> None:
+    tokens, cached = build_token_dataset(30), build_token_dataset(20)
+    rows: list[Any] = []
+    for rank in range(2):
+        store = SimpleNamespace(dataset=tokens, cached_activation_dataset=cached)
+        shard_activation_store(store, rank, 2)  # type: ignore[arg-type]
+        assert len(store.dataset) == 15
+        rows += store.cached_activation_dataset["input_ids"]
+    assert sorted(map(tuple, rows)) == sorted(map(tuple, cached["input_ids"]))  # disjoint, complete
+
+
+def test_an_expert_parallel_resume_finds_each_rank_s_checkpoint_and_counts_the_ranks(tmp_path: Path) -> None:
+    for rank in range(2):
+        (tmp_path / "run" / f"rank-{rank}" / "step_64").mkdir(parents=True)
+    rank_0 = tmp_path / "run" / "rank-0" / "step_64"
+    assert rank_checkpoint(rank_0, 1, 2) == tmp_path / "run" / "rank-1" / "step_64"
+    with pytest.raises(ValueError, match=r"was not written by 4 ranks \(.*rank-3/step_64 is missing\)"):
+        rank_checkpoint(rank_0, 3, 4)
+    with pytest.raises(ValueError, match=r"was not written by 1 ranks \(.*rank-1/step_64 exists\)"):
+        rank_checkpoint(rank_0, 0, 1)
+    with pytest.raises(ValueError, match=r"resumes from rank 0's checkpoint folder"):
+        rank_checkpoint(tmp_path / "run" / "rank-1" / "step_64", 0, 2)

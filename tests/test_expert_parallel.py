@@ -15,6 +15,7 @@ from sae_lens_scale.expert_parallel import SHARDED_DIMS
 from sae_lens_scale.routed_sae import RoutedTrainingSAE
 from tests.distributed_workers import (
     STEPS,
+    expert_parallel_init,
     expert_parallel_pass,
     expert_parallel_training,
     launch,
@@ -88,6 +89,21 @@ def test_two_ranks_of_experts_train_the_sae_of_one_process(architecture: str, tm
     for name, tensor in whole.state_dict().items():
         torch.testing.assert_close(sharded[name], tensor, rtol=1e-8, atol=1e-10, msg=name)
     assert not torch.allclose(whole.state_dict()["W_dec"], sae.state_dict()["W_dec"])
+
+
+def test_every_expert_starts_different_and_the_start_does_not_depend_on_the_number_of_ranks(
+    tmp_path: Path,
+) -> None:
+    config = CONFIGS["scale"].to_dict()
+    launch(expert_parallel_init, 2, config, str(tmp_path / "two"))
+    launch(expert_parallel_init, 1, config, str(tmp_path / "one"))
+    two, one = load_file(tmp_path / "two"), load_file(tmp_path / "one")
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=0, atol=0, msg=name)
+    blocks = two["W_dec"].view(8, 8, 16)  # [expert, latent, d_in]
+    distances = torch.cdist(blocks.flatten(1), blocks.flatten(1))
+    assert distances[~torch.eye(8, dtype=torch.bool)].min() > 1  # unit-norm rows: equal experts would be at 0
+    torch.testing.assert_close(two["W_enc"], two["W_dec"].T, rtol=0, atol=0)
 
 
 def test_the_runner_with_expert_parallelism_writes_one_ordinary_folder(tmp_path: Path) -> None:

@@ -72,9 +72,17 @@ def test_the_plugin_depends_only_on_what_it_imports() -> None:
     """
     requirements = importlib.metadata.requires("sae-lens-scale") or []
     core = {re.split(r"[<>=\[; ]", requirement)[0] for requirement in requirements if "extra ==" not in requirement}
-    assert core == {"sae-lens", "torch", "transformer-lens", "safetensors", "huggingface-hub", "typing-extensions"}
+    assert core == {
+        "sae-lens",
+        "datasets",
+        "torch",
+        "transformer-lens",
+        "safetensors",
+        "huggingface-hub",
+        "typing-extensions",
+    }
     demo = {re.split(r"[<>=\[; ]", requirement)[0] for requirement in requirements if 'extra == "demo"' in requirement}
-    assert {"gguf", "matplotlib", "datasets", "transformers", "simple-parsing"} <= demo
+    assert {"gguf", "matplotlib", "transformers", "simple-parsing"} <= demo
 
 
 def test_the_core_does_not_import_its_tools() -> None:

