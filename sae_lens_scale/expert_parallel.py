@@ -13,11 +13,15 @@ the decode differs in cost: an owner multiplies each assignment's m activations 
 decoder block, where one device gathers k decoder rows per token.
 """
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sae_lens_scale.routing import Routing, SparseCode, group_by_expert, routed_matmul, routed_preactivations
@@ -42,7 +46,9 @@ def local_shard(n_experts: int) -> ExpertShard:
         raise RuntimeError(
             "expert_parallel=True splits the experts over the ranks of a torch.distributed process group, and none "
             "is initialised: start the run with torchrun and train with sae_lens_scale.distributed's "
-            "DistributedSAETrainingRunner (or call torch.distributed.init_process_group first)."
+            "DistributedSAETrainingRunner (or call torch.distributed.init_process_group first). To open an "
+            "expert-parallel checkpoint on one process, merge its ranks first: "
+            "sae_lens_scale.expert_parallel.merge_checkpoint."
         )
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if n_experts % world_size:
@@ -229,6 +235,38 @@ def gathered_state_dict(state_dict: dict[str, Tensor], shard: ExpertShard) -> di
         if shard.rank == 0:
             full[name] = tensor.cpu()
     return full if shard.rank == 0 else None
+
+
+def merge_checkpoint(rank_0_checkpoint: Path | str, output: Path | str) -> Path:
+    """One ordinary training checkpoint from an expert-parallel run's per-rank checkpoints, for one process.
+
+    ``rank_0_checkpoint`` is ``<checkpoint_path>/<run id>/rank-0/<checkpoint>``; every ``rank-<r>`` folder beside it
+    holds that rank's experts under the same name. ``output`` gets the SAE's weights and config (with
+    ``expert_parallel`` off), which ``TrainingSAE.load_from_disk`` and ``sae_lens_scale.hub.load_sae`` open.
+    The final folder of a run needs no merging: the runner gathers it.
+    """
+    rank_0 = Path(rank_0_checkpoint)
+    rank_folders = [folder / rank_0.name for folder in rank_0.parent.parent.glob("rank-*")]
+    ranked = sorted(
+        (int(folder.parent.name.removeprefix("rank-")), folder) for folder in rank_folders if folder.is_dir()
+    )
+    if [rank for rank, _ in ranked] != list(range(len(ranked))) or rank_0.parent.name != "rank-0":
+        raise FileNotFoundError(
+            f"{rank_0} is not rank 0's checkpoint of a complete expert-parallel run: found the ranks "
+            f"{[rank for rank, _ in ranked]} beside it, and the checkpoint must be <run>/rank-0/<name> with "
+            "rank-0 ... rank-<N-1> folders holding <name>."
+        )
+    shards = [load_file(folder / SAE_WEIGHTS_FILENAME) for _, folder in ranked]
+    merged = {
+        name: torch.cat([shard[name] for shard in shards], dim=SHARDED_DIMS[name]) if name in SHARDED_DIMS else tensor
+        for name, tensor in shards[0].items()
+    }
+    config = json.loads((rank_0 / SAE_CFG_FILENAME).read_text()) | {"expert_parallel": False}
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(merged, out / SAE_WEIGHTS_FILENAME)
+    (out / SAE_CFG_FILENAME).write_text(json.dumps(config))
+    return out
 
 
 def init_expert_shard(

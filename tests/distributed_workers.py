@@ -130,6 +130,7 @@ def run_runner(
         training_tokens=20 * 256 * world_size,
         n_batches_for_norm_estimate=2,
         n_checkpoints=1,
+        save_final_checkpoint=expert_parallel,
         resume_from_checkpoint=resume_from_checkpoint,
     )
     runner = DistributedSAETrainingRunner(cfg, override_dataset=build_token_dataset(), override_model=model)

@@ -11,7 +11,8 @@ from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from safetensors.torch import load_file, save_file
 
 from sae_lens_scale import ScaleSAE, ScaleTrainingSAEConfig, SwitchTrainingSAEConfig
-from sae_lens_scale.expert_parallel import SHARDED_DIMS
+from sae_lens_scale.expert_parallel import SHARDED_DIMS, merge_checkpoint
+from sae_lens_scale.hub import load_sae
 from sae_lens_scale.routed_sae import RoutedTrainingSAE
 from tests.distributed_workers import (
     STEPS,
@@ -112,7 +113,15 @@ def test_the_runner_with_expert_parallelism_writes_one_ordinary_folder(tmp_path:
     assert isinstance(sae, ScaleSAE) and sae.W_enc.shape == (32, 128)  # the whole SAE, gathered from both ranks
     (run,) = (tmp_path / "checkpoints").iterdir()  # one run id for all ranks, each rank's experts in its folder
     assert sorted(path.name for path in run.iterdir()) == ["rank-0", "rank-1"]
-    assert torch.isfinite(sae(torch.randn(64, 32))).all()
+    x = torch.randn(64, 32)
+    assert torch.isfinite(sae(x)).all()
+
+    # The final per-rank checkpoints, merged, are the same SAE as the gathered folder (which folds omega and the
+    # decoder norms in): same outputs.
+    (final,) = (run / "rank-0").glob("final_*")
+    merged = load_sae(merge_checkpoint(final, tmp_path / "merged"))
+    assert merged.W_dec.shape == (128, 32) and not merged.cfg.expert_parallel
+    torch.testing.assert_close(merged(x), sae(x), rtol=1e-4, atol=1e-4)
 
 
 def test_a_run_resumes_each_rank_from_its_own_experts(tmp_path: Path) -> None:
