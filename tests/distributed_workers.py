@@ -23,7 +23,7 @@ from torch.multiprocessing.spawn import start_processes
 from sae_lens_scale import RoutedTrainingSAE
 from sae_lens_scale.distributed import DistributedSAETrainingRunner, init_data_parallel, replicate_training_pass
 from sae_lens_scale.expert_parallel import SHARDED_DIMS, ExpertShard, gathered_state_dict
-from tests.conftest import build_tiny_model, build_token_dataset
+from tests.conftest import CONTEXT, build_tiny_model, build_token_dataset
 from tests.helpers import tiny_runner_config, tiny_sae_config
 
 STEPS = 5
@@ -111,9 +111,20 @@ def run_runner(
     fail_on_rank: int,
     expert_parallel: bool = False,
     resume_from_checkpoint: str | None = None,
+    resumable: bool = False,
 ) -> None:
     """SAELens's runner on several ranks (data or expert parallel) on the tiny model and the in-memory tokens;
-    optionally one rank fails."""
+    optionally one rank fails. A ``resumable`` run keeps no mixing buffer across steps (SAELens checkpoints the
+    dataset position, not the buffer), so a run resumed from its checkpoint sees the same batches."""
+    stream = (
+        {
+            "store_batch_size_prompts": 256 // CONTEXT,
+            "n_batches_in_buffer": 256 // CONTEXT,
+            "activations_mixing_fraction": 0.0,
+        }
+        if resumable
+        else {}
+    )
     join_group(rank, world_size, port)
     model = build_tiny_model()
     if rank == fail_on_rank:
@@ -132,6 +143,7 @@ def run_runner(
         n_checkpoints=1,
         save_final_checkpoint=expert_parallel,
         resume_from_checkpoint=resume_from_checkpoint,
+        **stream,
     )
     runner = DistributedSAETrainingRunner(cfg, override_dataset=build_token_dataset(), override_model=model)
     try:

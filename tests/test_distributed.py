@@ -59,6 +59,19 @@ def test_the_runner_on_two_ranks_writes_one_sae_lens_folder(tmp_path: Path) -> N
     assert torch.isfinite(sae(x)).all()
 
 
+def test_a_resumed_run_ends_with_the_uninterrupted_weights(tmp_path: Path) -> None:
+    """Every rank resumes from rank 0's halfway checkpoint (the weights, optimizer and firing statistics are the same
+    on every rank) with its own shard's position, and the run finishes where the uninterrupted one did."""
+    launch(run_runner, 2, "scale", str(tmp_path / "first"), -1, False, None, True)
+    (halfway,) = next((tmp_path / "first" / "checkpoints").iterdir()).iterdir()
+    launch(run_runner, 2, "scale", str(tmp_path / "second"), -1, False, str(halfway), True)
+    first = load_file(tmp_path / "first" / "final" / "sae_weights.safetensors")
+    resumed = load_file(tmp_path / "second" / "final" / "sae_weights.safetensors")
+    assert set(resumed) == set(first)
+    for name, tensor in first.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+
+
 def test_a_failing_rank_ends_the_job_with_its_error(tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(ProcessRaisedException, match=r"(?s)Process 1 .*rank 1 of 2 failed: ValueError: activations"):

@@ -126,12 +126,14 @@ def test_the_runner_with_expert_parallelism_writes_one_ordinary_folder(tmp_path:
 
 def test_a_run_resumes_each_rank_from_its_own_experts(tmp_path: Path) -> None:
     """The first run saves a checkpoint per rank halfway; the second resumes from rank 0's, every rank reading its
-    own sibling folder, and finishes with one ordinary folder."""
-    launch(run_runner, 2, "switch", str(tmp_path / "first"), -1, True)
+    own sibling folder, and finishes with the uninterrupted run's SAE."""
+    launch(run_runner, 2, "switch", str(tmp_path / "first"), -1, True, None, True)
     (run,) = (tmp_path / "first" / "checkpoints").iterdir()
-    (halfway,) = (run / "rank-0").iterdir()
+    (halfway,) = (path for path in (run / "rank-0").iterdir() if not path.name.startswith("final_"))
     assert (run / "rank-1" / halfway.name / "sae_weights.safetensors").is_file()
-    launch(run_runner, 2, "switch", str(tmp_path / "second"), -1, True, str(halfway))
+    launch(run_runner, 2, "switch", str(tmp_path / "second"), -1, True, str(halfway), True)
     resumed = SAE.load_from_disk(tmp_path / "second" / "final")
     first = SAE.load_from_disk(tmp_path / "first" / "final")
     assert resumed.W_dec.shape == first.W_dec.shape == (128, 32)
+    for name, tensor in first.state_dict().items():  # the same batches, weights and optimizer state on every rank
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
