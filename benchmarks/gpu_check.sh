@@ -16,6 +16,7 @@ python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pr
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 (cd benchmarks && python3 speed.py --device cuda --autocast)
 (cd benchmarks && python3 width_sweep.py --device cuda --autocast --max-width 1048576)
+(cd benchmarks && python3 decode_memory.py --device cuda)
 if [ -n "${OUT:-}" ]; then
-  cp benchmarks/results/speed-cuda.* benchmarks/results/width-sweep-cuda.* "$OUT"/
+  cp benchmarks/results/speed-cuda.* benchmarks/results/width-sweep-cuda.* benchmarks/results/decode-memory-cuda.* "$OUT"/
 fi

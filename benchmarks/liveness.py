@@ -14,6 +14,7 @@ Each variant trains with SAELens's ``SAETrainer`` on the same token stream as ``
 """
 
 import argparse
+import itertools
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from sae_lens import LoggingConfig
 from sae_lens.config import SAETrainerConfig
@@ -201,14 +203,15 @@ def plots(results: list[dict], stem: str) -> list[Path]:
     paths = []
     figure = Figure(figsize=(12, 4), layout="constrained")
     per_expert, death, reach = figure.subplots(1, 3)
-    for result in results:
+    colours = [colormaps["tab20"](index) for index in range(20)]  # one colour per variant, up to 20
+    for result, colour in zip(results, itertools.cycle(colours), strict=False):
         share = torch.tensor(result["expert_share"]) * len(result["expert_share"])
-        per_expert.scatter(share, result["dead_per_expert"], s=10, label=result["name"])
+        per_expert.scatter(share, result["dead_per_expert"], s=10, color=colour, label=result["name"])
         steps = [s["step"] for s in result["steps"]]
-        death.plot(steps, [s["n_dead"] for s in result["steps"]], label=result["name"])
+        death.plot(steps, [s["n_dead"] for s in result["steps"]], color=colour, label=result["name"])
         reached = [(s["step"], s["dead_reached"]) for s in result["steps"] if "dead_reached" in s]
         if reached:
-            reach.plot(*zip(*reached, strict=True), label=result["name"])
+            reach.plot(*zip(*reached, strict=True), color=colour, label=result["name"])
     per_expert.set(xlabel="expert's routing share x n_experts (1 = balanced)", ylabel="dead latents on held-out text")
     death.set(xlabel="training step", ylabel="dead latents (trainer's window)")
     reach.set(xlabel="training step", ylabel="fraction of dead latents with an encoder gradient", ylim=(0, 1.05))
@@ -216,13 +219,18 @@ def plots(results: list[dict], stem: str) -> list[Path]:
     paths.append(RESULTS / f"{stem}-experts.png")
     figure.savefig(paths[-1], dpi=120)
 
-    figure = Figure(figsize=(4 * len(results), 3.5), layout="constrained")
-    axes = figure.subplots(1, len(results), sharey=True, squeeze=False)[0]
+    n_columns = min(len(results), 6)
+    n_rows = -(-len(results) // n_columns)
+    figure = Figure(figsize=(4 * n_columns, 3.5 * n_rows), layout="constrained")
+    axes = figure.subplots(n_rows, n_columns, sharey=True, squeeze=False).flatten()
+    for ax in axes[len(results) :]:
+        ax.set_visible(False)
     centres = ((FREQUENCY_BINS[:-1] + FREQUENCY_BINS[1:]) / 2).tolist()
-    for ax, result in zip(axes, results, strict=True):
+    for ax, result in zip(axes[: len(results)], results, strict=True):
         for fraction, counts in result["histograms"].items():
             ax.plot([-6.5, *centres], counts, marker=".", label=f"{float(fraction):.0%} of training")
-        ax.set(title=result["name"], xlabel="log10 firing frequency (-6.5: never)", yscale="symlog")
+        title = result["name"].replace(", ", ",\n", 1)
+        ax.set(title=title, xlabel="log10 firing frequency (-6.5: never)", yscale="symlog")
     axes[0].set(ylabel="latents")
     axes[0].legend(fontsize=7)
     paths.append(RESULTS / f"{stem}-firing.png")
