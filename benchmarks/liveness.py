@@ -24,8 +24,6 @@ from typing import Any
 import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from sae_lens import LoggingConfig
-from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm import tqdm
@@ -54,7 +52,7 @@ class Variant:
     name: str
     architecture: str
     fields: dict[str, Any] = field(default_factory=dict)
-    dead_window_fraction: float = 1 / 16
+    dead_window_fraction: float = quality.DEAD_WINDOW_FRACTION
 
     def make(self, d_in: int, d_sae: int, k: int) -> RoutedTrainingSAE[Any]:
         if self.architecture == "switch":
@@ -152,19 +150,8 @@ def diagnose(variant: Variant, cfg: quality.QualityConfig, acts: dict[str, torch
     train, heldout = acts["train"], acts["heldout"].float() * scale
     torch.manual_seed(0)
     sae = variant.make(train.shape[1], cfg.d_sae, cfg.k)
-    steps = cfg.train_tokens * cfg.epochs // cfg.batch
-    probe = Probe(sae, steps)
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=steps * cfg.batch,
-        train_batch_size_samples=cfg.batch,
-        lr=cfg.lr,
-        lr_end=cfg.lr / 10,
-        lr_warm_up_steps=steps // 20,
-        lr_decay_steps=steps // 5,
-        dead_feature_window=max(1, round(steps * variant.dead_window_fraction)),
-        feature_sampling_window=max(1, steps // 2),
-        logger=LoggingConfig(log_to_wandb=False),
-    )
+    probe = Probe(sae, cfg.train_tokens * cfg.epochs // cfg.batch)
+    trainer_cfg = quality.trainer_config(cfg, variant.dead_window_fraction)
     started = time.perf_counter()
     SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=quality.batches(train, cfg.batch, scale, seed=0)).fit()
     seconds = time.perf_counter() - started

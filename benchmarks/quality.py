@@ -54,7 +54,7 @@ RESULTS = Path(__file__).parent / "results"
 IN_DOMAIN, CROSS_DOMAIN = "shakespeare", "python-docs"
 # AuxK treats a latent as dead after 1/16 of the run without firing (51k tokens in the full run); a quarter of the
 # run let latents die en masse before AuxK started (docs/dead-latents.md).
-DEAD_WINDOW_DIVISOR = 16
+DEAD_WINDOW_FRACTION = 1 / 16
 
 
 @dataclass(frozen=True)
@@ -166,31 +166,36 @@ def batches(train: torch.Tensor, batch: int, scale: float, seed: int) -> Iterato
             yield train[order[start : start + batch]].float() * scale
 
 
-def train_sae(sae: TrainingSAE[Any], stream: Iterator[torch.Tensor], cfg: QualityConfig) -> float:
-    """Train with SAELens's trainer on ``stream``; returns the seconds it took.
-
-    The routed SAEs set ``b_dec`` and ``b_router`` from the first batch themselves (``bias_init``); SAELens's TopK
-    gets the same start here, so every SAE begins centred on the same point.
-    """
+def trainer_config(cfg: QualityConfig, dead_window_fraction: float = DEAD_WINDOW_FRACTION) -> SAETrainerConfig:
+    """The one schedule every SAE trains with: warm-up over the first 1/20 of the steps, decay to lr / 10 over the
+    last 1/5, AuxK's dead-latent window a fraction of the run."""
     steps = cfg.train_tokens * cfg.epochs // cfg.batch
-    if not isinstance(sae, RoutedTrainingSAE):
-        first = next(stream)
-        with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(first.double()))
-        stream = itertools.chain([first], stream)
-    trainer_cfg = SAETrainerConfig(
+    return SAETrainerConfig(
         total_training_samples=steps * cfg.batch,
         train_batch_size_samples=cfg.batch,
         lr=cfg.lr,
         lr_end=cfg.lr / 10,
         lr_warm_up_steps=steps // 20,
         lr_decay_steps=steps // 5,
-        dead_feature_window=max(1, steps // DEAD_WINDOW_DIVISOR),
+        dead_feature_window=max(1, round(steps * dead_window_fraction)),
         feature_sampling_window=max(1, steps // 2),
         logger=LoggingConfig(log_to_wandb=False),
     )
+
+
+def train_sae(sae: TrainingSAE[Any], stream: Iterator[torch.Tensor], cfg: QualityConfig) -> float:
+    """Train with SAELens's trainer on ``stream``; returns the seconds it took.
+
+    The routed SAEs set ``b_dec`` and ``b_router`` from the first batch themselves (``bias_init``); SAELens's TopK
+    gets the same start here, so every SAE begins centred on the same point.
+    """
+    if not isinstance(sae, RoutedTrainingSAE):
+        first = next(stream)
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(first.double()))
+        stream = itertools.chain([first], stream)
     started = time.perf_counter()
-    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=stream).fit()
+    SAETrainer(cfg=trainer_config(cfg), sae=sae, data_provider=stream).fit()
     return time.perf_counter() - started
 
 

@@ -7,7 +7,8 @@ they import what they run by name.
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def launch(worker: Callable[..., None], world_size: int, *args: Any, timeout_s: 
                 process.kill()
 
 
-def join_group(rank: int, world_size: int, port: int) -> None:
+def torchrun_environment(rank: int, world_size: int, port: int) -> None:
     """What torchrun would set up for this rank: the rendezvous in the environment, one thread per process."""
     os.environ |= {
         "MASTER_ADDR": "127.0.0.1",
@@ -68,18 +69,25 @@ def join_group(rank: int, world_size: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+@contextmanager
+def process_group(rank: int, world_size: int, port: int) -> Iterator[None]:
+    """This rank in the gloo group, destroyed when the rank's work ends, however it ends."""
+    torchrun_environment(rank, world_size, port)
+    init_data_parallel("cpu")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def train_with_trainer(
     rank: int, world_size: int, port: int, config: dict[str, Any], batches_path: str, out_path: str
 ) -> None:
     """STEPS of SAELens's trainer on this rank's contiguous part of each global batch, with the pass replicated."""
-    join_group(rank, world_size, port)
-    init_data_parallel("cpu")
-    try:
+    with process_group(rank, world_size, port):
         sae = train_steps(config, torch.load(batches_path), rank, world_size)
         if rank == 0:
             save_file({name: tensor.contiguous() for name, tensor in sae.state_dict().items()}, out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def train_steps(
@@ -125,7 +133,7 @@ def run_runner(
         if resumable
         else {}
     )
-    join_group(rank, world_size, port)
+    torchrun_environment(rank, world_size, port)  # the runner joins the group itself, as under torchrun
     model = build_tiny_model()
     if rank == fail_on_rank:
 
@@ -148,6 +156,9 @@ def run_runner(
     runner = DistributedSAETrainingRunner(cfg, override_dataset=build_token_dataset(), override_model=model)
     try:
         runner.run()
+    except Exception as error:  # when and why, so a test can find the first failure (torchrun's "root cause")
+        (Path(output) / f"failure-rank-{rank}.txt").write_text(f"{time.time()}\n{error}")
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -156,9 +167,7 @@ def expert_parallel_pass(
     rank: int, world_size: int, port: int, config: dict[str, Any], inputs_path: str, out_path: str
 ) -> None:
     """One training pass (forward, backward, gradient sync) of this rank's experts on its half of the batch."""
-    join_group(rank, world_size, port)
-    init_data_parallel("cpu")
-    try:
+    with process_group(rank, world_size, port):
         inputs = load_file(inputs_path)
         sae = expert_parallel_sae(config, inputs)
         per_rank = inputs["x"].shape[0] // world_size
@@ -172,17 +181,13 @@ def expert_parallel_pass(
         results |= {f"grad/{name}": grad.contiguous() for name, grad in grads.items()}
         results |= {f"param/{name}": param.detach().contiguous() for name, param in sae.named_parameters()}
         save_file(results, f"{out_path}.rank{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def expert_parallel_training(
     rank: int, world_size: int, port: int, config: dict[str, Any], inputs_path: str, out_path: str
 ) -> None:
     """STEPS of SAELens's trainer with this rank's experts, then the whole SAE gathered on rank 0."""
-    join_group(rank, world_size, port)
-    init_data_parallel("cpu")
-    try:
+    with process_group(rank, world_size, port):
         inputs = load_file(inputs_path)
         sae = expert_parallel_sae(config, inputs)
         assert sae.expert_shard is not None
@@ -197,23 +202,17 @@ def expert_parallel_training(
         full = gathered_state_dict(sae.state_dict(), sae.expert_shard)
         if full is not None:
             save_file(full, out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def expert_parallel_init(rank: int, world_size: int, port: int, config: dict[str, Any], out_path: str) -> None:
     """A fresh expert-parallel SAE from seed 0, gathered on rank 0."""
-    join_group(rank, world_size, port)
-    init_data_parallel("cpu")
-    try:
+    with process_group(rank, world_size, port):
         torch.manual_seed(0)
         sae = TrainingSAE.from_dict(TrainingSAEConfig.from_dict(config | {"expert_parallel": True}).to_dict())
         assert isinstance(sae, RoutedTrainingSAE) and sae.expert_shard is not None
         full = gathered_state_dict(sae.state_dict(), sae.expert_shard)
         if full is not None:
             save_file(full, out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def shard_of(full_state_dict: dict[str, torch.Tensor], shard: ExpertShard, n_experts: int) -> dict[str, torch.Tensor]:
