@@ -16,8 +16,8 @@ Layer: ``blocks.6.hook_resid_post`` of SmolLM2's 30 blocks. Harvesting costs one
 the hook, so an early layer keeps the full benchmark inside its time budget on a 2-core CPU; deeper layers of this
 model also carry massive-activation dimensions (values near 23,000 from block 11 on) that dominate any MSE.
 
-    python benchmarks/quality.py --quick    # at most 10 minutes
-    python benchmarks/quality.py            # the full comparison (43 min with cached activations, ~52 cold)
+    python benchmarks/quality.py --quick    # a smaller comparison (half the width, 18 % of the tokens, one seed)
+    python benchmarks/quality.py            # the full comparison
     python benchmarks/quality.py --curves   # learning curves: 4 SAEs, 4 passes, held-out FVU every 1/8 pass
 """
 
@@ -589,8 +589,8 @@ def curves_report(result: dict[str, Any], stem: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--quick", action="store_true", help="a smaller comparison that finishes in 10 minutes")
-    budget.add_argument("--curves", action="store_true", help="learning curves over 4 passes (about an hour)")
+    budget.add_argument("--quick", action="store_true", help="half the width, 18 %% of the tokens, one seed")
+    budget.add_argument("--curves", action="store_true", help="learning curves over 4 passes")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.curves:

@@ -8,8 +8,8 @@ Peak memory: ``resting`` is the memory once parameters, gradients and Adam state
 two steps, so ``peak - resting`` is what the step itself needs. On the CPU it is the RSS of a fresh child process per
 contender (CPU torch has no allocator statistics); on CUDA the allocator's own counters.
 
-    python benchmarks/speed.py            # d_in=768, d_sae=24576, k=32, batch 4096 (about 15 minutes on 2 cores)
-    python benchmarks/speed.py --quick    # a small shape, under 3 minutes
+    python benchmarks/speed.py            # d_in=768, d_sae=24576, k=32, batch 4096
+    python benchmarks/speed.py --quick    # a small shape
     python benchmarks/speed.py --device cuda --autocast   # on a GPU, in bf16 autocast
 """
 
