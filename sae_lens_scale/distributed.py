@@ -10,7 +10,10 @@ ranks with batch B / N train as one process with batch B. What makes them the sa
 - the routed SAEs reduce what their losses need from the whole batch (expert fractions, dead latents, the loss
   guard) and set their biases from every rank's first batch (``RoutedTrainingSAE.data_parallel_group``);
 - every rank scales its activations by one factor, computed from the mean of the ranks' activation-norm estimates;
-- the final firing statistics (the saved sparsity, L0 and dead count) pool every rank's tokens.
+- the final folder's firing statistics (its sparsity, L0 and dead count) pool every rank's tokens.
+
+A resumed run restores rank 0's checkpoint on every rank, firing statistics included: for one dead-feature window
+after the resume, AuxK may count as dead a latent that only another rank saw fire.
 
 Rank 0 alone logs to wandb, writes checkpoints and writes the final SAELens folder. A failed rank ends the job:
 torchrun stops the others, and every collective has a timeout, so no rank waits forever.
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from datasets.distributed import split_dataset_by_node
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
@@ -114,21 +118,32 @@ def replicate_training_pass(sae: TrainingSAE[Any]) -> None:
 
 
 def shard(dataset: HfDataset, rank: int, world_size: int) -> Dataset | IterableDataset:
-    """This rank's disjoint part of a Hugging Face ``Dataset`` or ``IterableDataset`` (``dataset.shard``)."""
+    """This rank's disjoint part of a Hugging Face ``Dataset`` or ``IterableDataset``.
+
+    ``split_dataset_by_node`` gives a ``Dataset`` a contiguous block and a streamed dataset whole files when their
+    number divides by the ranks, else every ``world_size``-th example, so a stream of one file splits too.
+    """
     if isinstance(dataset, DatasetDict | IterableDatasetDict):
         raise ValueError(
             f"The training dataset is a {type(dataset).__name__} with splits {list(dataset)}: pass one split, "
             "e.g. dataset['train']."
         )
-    return dataset.shard(num_shards=world_size, index=rank)
+    if isinstance(dataset, Dataset):  # one call per type: the function's type variable is constrained
+        return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
 
 
 def shard_activation_store(store: ActivationsStore, rank: int, world_size: int) -> None:
-    """Give the store only this rank's part of its token dataset and of its cached activations, if it has them."""
+    """Give the store only this rank's part of its token dataset and of its cached activations, if it has them.
+
+    Called before the store reads its first batch (its readers open the dataset lazily).
+    """
     if store.dataset is not None:
         store.dataset = shard(store.dataset, rank, world_size)
     if store.cached_activation_dataset is not None:
-        store.cached_activation_dataset = store.cached_activation_dataset.shard(num_shards=world_size, index=rank)
+        store.cached_activation_dataset = split_dataset_by_node(
+            store.cached_activation_dataset, rank=rank, world_size=world_size
+        )
 
 
 def rank_config(
@@ -151,7 +166,12 @@ def rank_config(
             f"global batch of {global_batch} tokens. Count them in those steps, e.g. lr_decay_steps={n_steps // 5}."
         )
     device = rank_device(cfg.device)
-    changes: dict[str, Any] = {"training_tokens": cfg.training_tokens // world_size}
+    # The SAE is built on its config's device, and an expert-parallel SAE talks to the other ranks while it is
+    # built (NCCL only moves CUDA tensors): build it on this rank's device, where the runner would move it anyway.
+    changes: dict[str, Any] = {
+        "training_tokens": cfg.training_tokens // world_size,
+        "sae": replace(cfg.sae, device=device),
+    }
     for field in ("device", "llm_device", "act_store_device"):
         if getattr(cfg, field) == cfg.device:
             changes[field] = device
@@ -220,13 +240,10 @@ class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
             dist.broadcast_object_list(shared, src=0)
             cfg.checkpoint_path = shared[0]
         cfg = rank_config(cfg, self.rank, self.world_size)
-        if override_dataset is not None:
-            override_dataset = shard(override_dataset, self.rank, self.world_size)
         super().__init__(
             cfg, override_dataset=override_dataset, override_model=override_model, override_sae=override_sae
         )
-        if override_dataset is None:
-            shard_activation_store(self.activations_store, self.rank, self.world_size)
+        shard_activation_store(self.activations_store, self.rank, self.world_size)
         if self.expert_parallel != getattr(cfg.sae, "expert_parallel", False):
             raise ValueError(
                 f"LanguageModelSAERunnerConfig.sae.expert_parallel={getattr(cfg.sae, 'expert_parallel', False)}, but "

@@ -238,12 +238,15 @@ def gathered_state_dict(state_dict: dict[str, Tensor], shard: ExpertShard) -> di
 
 
 def merge_checkpoint(rank_0_checkpoint: Path | str, output: Path | str) -> Path:
-    """One ordinary training checkpoint from an expert-parallel run's per-rank checkpoints, for one process.
+    """The whole training SAE of an expert-parallel checkpoint, merged from its per-rank folders for one process.
 
     ``rank_0_checkpoint`` is ``<checkpoint_path>/<run id>/rank-0/<checkpoint>``; every ``rank-<r>`` folder beside it
     holds that rank's experts under the same name. ``output`` gets the SAE's weights and config (with
-    ``expert_parallel`` off), which ``TrainingSAE.load_from_disk`` and ``sae_lens_scale.hub.load_sae`` open.
-    The final folder of a run needs no merging: the runner gathers it.
+    ``expert_parallel`` off), which ``TrainingSAE.load_from_disk`` and ``sae_lens_scale.hub.load_sae`` open. The
+    optimizer and trainer state stay per rank, so a run resumes from the per-rank checkpoint, not from the merge; the
+    weights are in the training parametrisation (omega and unit-norm decoder rows not folded), and a mid-run
+    checkpoint's activation scale stays in its ``activation_scaler.json``. The final folder of a run needs no
+    merging: the runner gathers it.
     """
     rank_0 = Path(rank_0_checkpoint)
     rank_folders = [folder / rank_0.name for folder in rank_0.parent.parent.glob("rank-*")]

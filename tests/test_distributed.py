@@ -99,6 +99,23 @@ def test_each_rank_gets_its_own_share_of_tokens_and_rank_0_alone_writes() -> Non
     assert sorted(map(tuple, rows)) == sorted(map(tuple, build_token_dataset(30)["input_ids"]))  # disjoint, complete
 
 
+def test_each_rank_builds_its_sae_on_its_own_device() -> None:
+    """The SAE is built on ``cfg.sae.device``; an expert-parallel SAE exchanges its initial state while it is built,
+    so each rank's share must build it on that rank's device, not on the SAE config's default."""
+    cfg = tiny_runner_config(tiny_sae_config("scale", device="meta"), Path("out"), training_tokens=4 * 256 * 2)
+    assert cfg.sae.device == "meta" and cfg.device == "cpu"
+    assert [rank_config(cfg, rank, 2).sae.device for rank in range(2)] == ["cpu", "cpu"]
+
+
+def test_a_stream_of_one_file_is_split_between_the_ranks_by_example() -> None:
+    """A streamed dataset with fewer files than ranks cannot be split by file; each rank then takes every other
+    example, and together they read each example once."""
+    stream = build_token_dataset(30).to_iterable_dataset(num_shards=1)
+    parts = [[tuple(row["input_ids"]) for row in shard(stream, rank, 2)] for rank in range(2)]
+    assert [len(part) for part in parts] == [15, 15]
+    assert sorted(parts[0] + parts[1]) == sorted(map(tuple, build_token_dataset(30)["input_ids"]))
+
+
 def test_the_learning_rate_schedule_must_fit_the_steps_each_rank_takes() -> None:
     """3 ranks x 256 tokens x 4 steps: a schedule counted in one device's 12 steps is refused, with the fix."""
     sae_cfg = tiny_sae_config("scale")
