@@ -2,9 +2,10 @@
 process fed the whole batch."""
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -111,7 +112,8 @@ def test_a_stream_of_one_file_is_split_between_the_ranks_by_example() -> None:
     """A streamed dataset with fewer files than ranks cannot be split by file; each rank then takes every other
     example, and together they read each example once."""
     stream = build_token_dataset(30).to_iterable_dataset(num_shards=1)
-    parts = [[tuple(row["input_ids"]) for row in shard(stream, rank, 2)] for rank in range(2)]
+    rows_of = [cast(Iterable[dict[str, Any]], shard(stream, rank, 2)) for rank in range(2)]
+    parts = [[tuple(row["input_ids"]) for row in rows] for rows in rows_of]
     assert [len(part) for part in parts] == [15, 15]
     assert sorted(parts[0] + parts[1]) == sorted(map(tuple, build_token_dataset(30)["input_ids"]))
 
