@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-RESULTS = Path(__file__).parent / "results"
+from speed import RESULTS, proc_status_mb
+
 D_IN, BATCH, K = 768, 4096, 32
 WIDTHS = (24_576, 262_144)
 REPEATS = 5
@@ -48,21 +49,11 @@ METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 
 
 def resident_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.memory_allocated() / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
+    return torch.cuda.memory_allocated() / 2**20 if device == "cuda" else proc_status_mb("VmRSS")
 
 
 def peak_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else proc_status_mb("VmHWM")
 
 
 def probe(method: str, d_sae: int, device: str) -> dict[str, float]:

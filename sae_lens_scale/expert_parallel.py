@@ -23,6 +23,7 @@ import torch.distributed as dist
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from sae_lens_scale.routing import Routing, SparseCode, group_by_expert, routed_matmul, routed_preactivations
 from sae_lens_scale.validation import ConfigError
@@ -205,12 +206,11 @@ class GradientSync:
         sharded = [param.grad for param in self.sharded if param.grad is not None]
         for grad in sharded:
             grad /= self.shard.world_size
-        squares = torch.stack([grad.double().pow(2).sum() for grad in sharded]).sum()
+        # The global norm: the experts' squared norms add up over the ranks, the replicated part counts once.
+        squares = get_total_norm(sharded).pow(2)
         dist.all_reduce(squares, group=self.shard.group)
-        squares += sum(grad.double().pow(2).sum() for grad in grads)
-        clip = torch.clamp(1.0 / (squares.sqrt() + 1e-6), max=1.0)
-        for grad in [*grads, *sharded]:
-            grad.mul_(clip.to(grad.dtype))
+        total_norm = (squares + get_total_norm(grads).pow(2)).sqrt()
+        clip_grads_with_norm_([*self.replicated, *self.sharded], max_norm=1.0, total_norm=total_norm)
 
 
 def gathered_state_dict(state_dict: dict[str, Tensor], shard: ExpertShard) -> dict[str, Tensor] | None:
