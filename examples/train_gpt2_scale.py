@@ -14,7 +14,7 @@ import os
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
 
 from sae_lens_scale import ScaleTrainingSAEConfig
-from sae_lens_scale.distributed import DistributedSAETrainingRunner
+from sae_lens_scale.parallel import DistributedSAETrainingRunner
 
 
 def paper_config(

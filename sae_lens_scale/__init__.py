@@ -18,7 +18,7 @@ from sae_lens_scale.routed_sae import RoutedSAE, RoutedSAEConfig, RoutedTraining
 from sae_lens_scale.scale_sae import ScaleSAE, ScaleSAEConfig, ScaleTrainingSAE, ScaleTrainingSAEConfig
 from sae_lens_scale.switch_sae import SwitchSAE, SwitchSAEConfig, SwitchTrainingSAE, SwitchTrainingSAEConfig
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 ARCHITECTURES: dict[
     str, tuple[type[RoutedSAE[Any]], type[RoutedSAEConfig], type[RoutedTrainingSAE[Any]], type[RoutedTrainingSAEConfig]]

@@ -12,7 +12,6 @@ Every function takes a SAELens ``SAE`` (any architecture with ``W_dec``; the exp
 ``to_dict()`` is ready for ``json.dump``.
 """
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -24,6 +23,7 @@ from sae_lens.saes.sae import TrainingSAE
 from torch import Tensor
 
 from sae_lens_scale.routed_sae import RoutedSAE
+from sae_lens_scale.routing import expert_counts, normalized_entropy
 
 DEFAULT_CHUNK_SIZE = 2048  # a 2048 x 2048 float32 similarity tile is 16 MiB: large GEMMs, bounded memory
 DEFAULT_BATCH_SIZE = 4096
@@ -309,17 +309,15 @@ def expert_usage(sae: SAE[Any], activations: Tensor, batch_size: int = DEFAULT_B
     device = sae.W_dec.device
     counts = torch.zeros(n_experts, dtype=torch.int64, device=device)
     for batch in inputs.split(batch_size):
-        experts = routed.encode_routed(batch.to(device)).routing.experts
-        counts += torch.bincount(experts.flatten(), minlength=n_experts)
+        counts += expert_counts(routed.encode_routed(batch.to(device)).routing.experts, n_experts)
     counts = counts.cpu()
     fractions = counts.double() / counts.sum()
-    entropy = torch.special.entr(fractions).sum().item()
     return ExpertUsage(
         n_tokens=inputs.shape[0],
         n_active_experts=routed.cfg.n_active_experts,
         counts=counts,
         fractions=fractions,
-        normalized_entropy=entropy / math.log(n_experts) if n_experts > 1 else 1.0,
+        normalized_entropy=normalized_entropy(fractions).item(),
         cdf=fractions.sort(descending=True).values.cumsum(dim=0),
         dead_fraction=(counts == 0).double().mean().item(),
     )

@@ -15,13 +15,11 @@ Conventions (docs/architecture.md):
 """
 
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar, get_args
+from typing import Any, NamedTuple, TypeVar, get_args
 
 import torch
-import torch.distributed as dist
 from sae_lens.constants import SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import (
     SAE,
@@ -37,38 +35,35 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
 
-from sae_lens_scale.expert_parallel import (
-    Dispatch,
-    ExpertShard,
-    GradientSync,
-    init_expert_shard,
-    local_shard,
-    plan_dispatch,
-    remote_candidates,
-    remote_decode,
-)
 from sae_lens_scale.routing import (
+    Experts,
+    LocalExperts,
     RoutedEncoding,
-    Routing,
-    SparseCode,
     auxk_code,
     dense_acts,
+    expert_counts,
     feature_scaled_encoder,
     global_topk,
     load_balance_loss,
-    routed_preactivations,
+    normalized_entropy,
     router_probs,
     row_norms,
     select_experts,
     sparse_acts,
-    sparse_decode,
     unit_rows,
+)
+from sae_lens_scale.training_guards import (
+    BatchParts,
+    BiasInit,
+    CollapseMonitor,
+    WholeBatch,
+    batch_centre,
+    non_finite_step_error,
 )
 from sae_lens_scale.validation import (
     WeightsMismatchError,
     check_state_dict,
     fail,
-    require_bool,
     require_choice,
     require_int,
     require_number,
@@ -76,11 +71,10 @@ from sae_lens_scale.validation import (
 )
 
 UNIT_NORM_TOLERANCE = 1e-4
-BiasInit = Literal["geometric_median", "mean", "none"]
 
 
 class BatchStatistics(NamedTuple):
-    """What a training step's losses need from the whole batch: every data-parallel replica's part of it."""
+    """What a training step's losses need from the whole batch, every part of it (``BatchParts``)."""
 
     expert_fractions: Tensor  # [n_experts] share of the batch's (token, slot) assignments per expert
     dead: Tensor | None  # [d_sae] dead by the trainer's count on every replica; None without its mask
@@ -121,7 +115,8 @@ class RoutedSAE(SAE[T_ROUTED_CONFIG]):
     """Inference SAE of a routed architecture: only routed experts computed, linear decode.
 
     ``encode_routed`` is the sparse fast path; ``encode`` and ``decode`` keep SAELens's dense ``[..., d_sae]``
-    contract for evals and hooks.
+    contract for evals and hooks. ``experts`` says where the experts are computed: all on this device unless
+    whoever built the SAE chose otherwise.
     """
 
     b_enc: nn.Parameter
@@ -130,18 +125,16 @@ class RoutedSAE(SAE[T_ROUTED_CONFIG]):
 
     def __init__(self, cfg: T_ROUTED_CONFIG, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
+        self.experts: Experts = LocalExperts(cfg.n_experts)
         self.hook_router_probs = HookPoint()
         self.setup()
 
     @override
     def initialize_weights(self) -> None:
         super().initialize_weights()
-        d_in, n_experts = self.cfg.d_in, self.cfg.n_experts
         self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
-        bound = 1 / math.sqrt(d_in)
-        router = torch.empty(d_in, n_experts, dtype=self.dtype, device=self.device).uniform_(-bound, bound)
-        self.W_router = nn.Parameter(router)
-        self.b_router = nn.Parameter(torch.zeros(d_in, dtype=self.dtype, device=self.device))
+        self.W_router = nn.Parameter(init_router(self.cfg.d_in, self.cfg.n_experts, self.dtype, self.device))
+        self.b_router = nn.Parameter(torch.zeros(self.cfg.d_in, dtype=self.dtype, device=self.device))
 
     def feature_scaling_omega(self) -> Tensor | None:
         """Feature Scaling's per-expert factor, or None when the encoder is used as stored (every export)."""
@@ -149,8 +142,13 @@ class RoutedSAE(SAE[T_ROUTED_CONFIG]):
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        """Check the file against the config before torch copies it, so a mismatch names the tensor and field."""
-        check_state_dict(state_dict, {name: tuple(t.shape) for name, t in self.state_dict().items()}, self.cfg)
+        """Check the file against the config before torch copies it, so a mismatch names the tensor and field.
+
+        A training checkpoint's ``bias_init_done`` flag changes no output, so an inference SAE drops it."""
+        expected = {name: tuple(tensor.shape) for name, tensor in self.state_dict().items()}
+        if "bias_init_done" not in expected:
+            state_dict.pop("bias_init_done", None)
+        check_state_dict(state_dict, expected, self.cfg)
 
     def encode_routed(self, x: Tensor) -> RoutedEncoding:
         """The sparse encoding of ``x [..., d_in]`` on a flat batch: routing, candidates and the k active latents.
@@ -163,21 +161,20 @@ class RoutedSAE(SAE[T_ROUTED_CONFIG]):
         centered = sae_in - self.b_dec * self.cfg.apply_b_dec_to_input
         probs = router_probs(sae_in, self.W_router, self.b_router)
         routing = select_experts(_hooked(self.hook_router_probs, probs, leading), self.cfg.n_active_experts)
-        candidates, dispatch = self.routed_candidates(centered, routing)
-        candidates = _hooked(self.hook_sae_acts_pre, candidates, leading)
-        return RoutedEncoding(routing, candidates, global_topk(candidates, routing, self.cfg.k), dispatch)
-
-    def routed_candidates(self, centered: Tensor, routing: Routing) -> tuple[Tensor, Dispatch | None]:
-        """The routed experts' pre-activations ``[batch, n_active_experts * m]``, and how they were computed across
-        ranks (None here: every expert is on this device)."""
         omega = self.feature_scaling_omega()
-        return routed_preactivations(centered, self.W_enc, self.b_enc, routing.experts, self.cfg.n_experts, omega), None
+        candidates, route = self.experts.candidates(centered, routing, self.W_enc, self.b_enc, omega)
+        candidates = _hooked(self.hook_sae_acts_pre, candidates, leading)
+        return RoutedEncoding(routing, candidates, global_topk(candidates, routing, self.cfg.k), route)
 
-    def decode_code(self, code: SparseCode, encoding: RoutedEncoding, decoder_row_norms: Tensor | None) -> Tensor:
-        """``sum_j acts_j * W_dec[latents_j]`` for the k latents of each token, without a [batch, d_sae] matrix."""
-        if encoding.dispatch is not None:
-            return remote_decode(code, encoding.routing, encoding.dispatch, self.W_dec, decoder_row_norms)
-        return sparse_decode(code, self.W_dec, decoder_row_norms)
+    def require_every_expert(self, action: str) -> None:
+        """Refuse ``action`` on an SAE that holds only some of its experts' weights."""
+        held = self.experts.n_local_experts
+        if held != self.cfg.n_experts:
+            raise RuntimeError(
+                f"This SAE holds the weights of {held} of its {self.cfg.n_experts} experts, and {action} needs all "
+                "of them: save the SAE with the runner that split its experts, which gathers them into one folder "
+                "that SAE.load_from_disk opens."
+            )
 
     def encode_with_candidates(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """SAELens's encode contract: ``[..., d_sae]`` activations, and the ``[..., n_active_experts * m]`` candidates
@@ -206,6 +203,7 @@ class RoutedSAE(SAE[T_ROUTED_CONFIG]):
 
     @override
     def decode(self, feature_acts: Tensor) -> Tensor:
+        self.require_every_expert("a dense decode")
         sae_out = self.hook_sae_recons(feature_acts @ self.effective_W_dec() + self.b_dec)
         sae_out = self.run_time_activation_norm_fn_out(sae_out)
         return self.reshape_fn_out(sae_out, self.d_head)
@@ -277,18 +275,15 @@ class RoutedTrainingSAEConfig(RoutedSAEConfig, TrainingSAEConfig):
             below it, since otherwise a balanced router already exceeds it.
         router_collapse_window: consecutive training steps of collapsed routing after which a RuntimeWarning is
             raised (once per SAE); the streak is logged every logging step as ``routing/collapse_streak``.
-        bias_init: how ``b_dec`` and ``b_router`` are set from the first batch the trainer hands over (training
-            step 0; a resumed run starts later and keeps its biases): "geometric_median" (as both papers' trainers),
-            "mean", or "none" to keep them at zero. Both biases centre the input; at zero, the router and the
-            encoder see the activations' large mean direction. Use "none" to continue training loaded weights.
+        bias_init: how ``b_dec`` and ``b_router`` are set from data, once in the SAE's life, from the first batch the
+            trainer hands over: "geometric_median" (as both papers' trainers), "mean", or "none" to keep them at zero.
+            Both biases centre the input; at zero, the router and the encoder see the activations' large mean
+            direction. A loaded or resumed SAE keeps its biases (the ``bias_init_done`` flag is saved with it).
         decoder_init_norm: SAELens's initial decoder row norm; the encoder starts as the decoder's transpose, so
             this is the initial norm of every encoder column (None: Kaiming's, about 1.4). The decode normalises the
             rows, so here it only sets the encoder's scale: 1 gives unit-scale pre-activations for inputs of norm
             sqrt(d_in) (``normalize_activations="expected_average_only_in"``). SAELens's 0.1 leaves most latents
             dead in a routed SAE (docs/dead-latents.md).
-        expert_parallel: split the experts over the ranks of the torch.distributed process group (torchrun's): each
-            rank holds n_experts / world_size experts and their optimizer state, so the SAE can be wider than one
-            device holds. Train with ``sae_lens_scale.distributed.DistributedSAETrainingRunner``.
     """
 
     load_balance_coefficient: float = 3.0
@@ -297,7 +292,6 @@ class RoutedTrainingSAEConfig(RoutedSAEConfig, TrainingSAEConfig):
     router_collapse_window: int = 100
     bias_init: BiasInit = "geometric_median"
     decoder_init_norm: float | None = 1.0
-    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -308,7 +302,6 @@ class RoutedTrainingSAEConfig(RoutedSAEConfig, TrainingSAEConfig):
             fail(self, "router_collapse_fraction", "must be in (0, 1]: it is a fraction of the batch's tokens")
         require_int(self, "router_collapse_window", minimum=1)
         require_choice(self, "bias_init", get_args(BiasInit))
-        require_bool(self, "expert_parallel")
         if self.decoder_init_norm is not None:
             require_number(self, "decoder_init_norm", minimum=0.0)
             if self.decoder_init_norm == 0:
@@ -337,71 +330,37 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
 
     ``training_forward_pass`` is the fast path: only routed experts are multiplied, the decode gathers k decoder rows
     per token, and the trainer gets its feature activations as a detached sparse COO tensor for its firing
-    statistics. With ``expert_parallel`` this rank holds only its share of the experts (``expert_shard``).
+    statistics. ``batch_parts`` says what the step's batch statistics span: this batch unless whoever built the SAE
+    chose otherwise.
     """
 
-    expert_shard: ExpertShard | None
+    bias_init_done: Tensor
 
     def __init__(self, cfg: T_ROUTED_TRAINING_CONFIG, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
         self.hook_sae_acts_post = SparseHookPoint(self.cfg.d_sae)
         self.setup()
-        # Router-collapse monitor: plain attributes, not state, so checkpoints and exports are unchanged; a resumed
-        # run starts a new streak.
-        self.collapse_streak = 0
-        self._warned_collapse = False
-        # Set when this SAE is one of several data-parallel replicas (sae_lens_scale.distributed), or holds a share
-        # of the experts: the batch statistics the losses need, and the first batch that sets the biases, then span
-        # every rank's batch.
-        self.data_parallel_group: dist.ProcessGroup | None = None
-        if self.expert_shard is not None:
-            self.data_parallel_group = self.expert_shard.group
-            self.gradient_sync = GradientSync(self.named_parameters(), self.expert_shard)
-
-    @property
-    def n_local_experts(self) -> int:
-        """The experts this SAE holds: all of them, or its rank's share with ``expert_parallel``."""
-        return self.cfg.n_experts if self.expert_shard is None else self.expert_shard.n_local_experts
+        self.batch_parts: BatchParts = WholeBatch()
+        self.collapse_monitor = CollapseMonitor(
+            cfg.n_experts,
+            cfg.n_active_experts,
+            cfg.router_collapse_fraction,
+            cfg.router_collapse_window,
+            cfg.load_balance_coefficient,
+        )
 
     @override
     def initialize_weights(self) -> None:
-        """The whole SAE, or with ``expert_parallel`` this rank's experts and the replicated router and biases."""
-        self.expert_shard = local_shard(self.cfg.n_experts) if self.cfg.expert_parallel else None
-        if self.expert_shard is None:
-            super().initialize_weights()
-            return
-        cfg = self.cfg
-        expert_width = cfg.d_sae // cfg.n_experts
-        W_dec = init_expert_shard(
-            self.expert_shard, expert_width, cfg.d_in, cfg.decoder_init_norm, self.dtype, self.device
-        )
-        self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.T.contiguous())
-        self.b_enc = nn.Parameter(torch.zeros(W_dec.shape[0], dtype=self.dtype, device=self.device))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=self.dtype, device=self.device))
-        bound = 1 / math.sqrt(cfg.d_in)
-        router = torch.empty(cfg.d_in, cfg.n_experts, dtype=self.dtype, device=self.device).uniform_(-bound, bound)
-        if self.device.type != "meta":
-            dist.broadcast(router, src=0, group=self.expert_shard.group)  # one router for all ranks
-        self.W_router = nn.Parameter(router)
-        self.b_router = nn.Parameter(torch.zeros(cfg.d_in, dtype=self.dtype, device=self.device))
+        super().initialize_weights()
+        # 1 once b_dec and b_router were set from data: saved, so a loaded or resumed SAE never sets them again.
+        self.register_buffer("bias_init_done", torch.zeros((), dtype=self.dtype, device=self.device))
 
     @override
-    def routed_candidates(self, centered: Tensor, routing: Routing) -> tuple[Tensor, Dispatch | None]:
-        if self.expert_shard is None:
-            return super().routed_candidates(centered, routing)
-        dispatch = plan_dispatch(routing.experts, self.expert_shard)
-        omega = self.feature_scaling_omega()
-        return remote_candidates(centered, dispatch, self.W_enc, self.b_enc, omega), dispatch
-
-    @override
-    def decode(self, feature_acts: Tensor) -> Tensor:
-        if self.expert_shard is not None:
-            raise RuntimeError(
-                "An expert-parallel SAE holds only its rank's experts, so it decodes only inside its training pass. "
-                "Gather it first: DistributedSAETrainingRunner saves the whole SAE, which SAE.load_from_disk opens."
-            )
-        return super().decode(feature_acts)
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        """Weights saved without the flag (an inference folder, or an older checkpoint) are trained: keep their
+        biases."""
+        state_dict.setdefault("bias_init_done", torch.ones((), dtype=self.dtype))
+        super().process_state_dict_for_loading(state_dict)
 
     @override
     def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -428,45 +387,37 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         encoding: RoutedEncoding,
         sae_out: Tensor,
         decoder_row_norms: Tensor | None,
-        dead: Tensor | None,
-        n_dead: int,
+        stats: BatchStatistics,
     ) -> Tensor:
         """AuxK (Gao et al. 2024) over the computed candidates: dead latents reconstruct the main residual.
 
-        ``dead`` and ``n_dead`` come from the step's batch statistics; with none dead the loss is zero and nothing is
+        The dead latents come from the step's batch statistics; with none dead the loss is zero and nothing is
         computed. ``decoder_row_norms`` are the main decode's, so the step computes (and backpropagates) them once.
         """
-        if dead is None or n_dead == 0 or self.cfg.aux_loss_coefficient == 0:
+        if stats.dead is None or stats.n_dead == 0 or self.cfg.aux_loss_coefficient == 0:
             return sae_out.new_zeros(())
         k_aux = self.cfg.d_in // 2
         residual = (sae_in - sae_out).detach()
-        aux_recons = self.decode_code(auxk_code(encoding, dead, min(k_aux, n_dead)), encoding, decoder_row_norms)
-        scale = min(n_dead / k_aux, 1.0)
+        code = auxk_code(encoding, stats.dead, min(k_aux, stats.n_dead))
+        aux_recons = encoding.route.decode(code, self.W_dec, decoder_row_norms)
+        scale = min(stats.n_dead / k_aux, 1.0)
         return self.cfg.aux_loss_coefficient * scale * (aux_recons - residual).pow(2).sum(dim=-1).mean()
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        """One routed training step; raises FloatingPointError instead of returning a loss that is not finite.
+        """One routed training step: encode, decode, losses. It raises FloatingPointError instead of returning a loss
+        that is not finite: the trainer would pass it through backward, clipping and Adam, and Adam moves the weights
+        by its momentum even with zero gradients, so the step fails before backward with everything untouched.
 
-        A NaN or inf loss would reach every weight through backward, gradient clipping and Adam, silently. Skipping
-        the step instead is not possible from here: the trainer calls Adam after this returns, and Adam moves the
-        weights by its momentum even with zero gradients. So the step fails before backward, with the weights and
-        optimizer state untouched, and the error says where the bad values are.
-
-        The step reads the device once (``_batch_statistics``), for that guard and two other scalars; nothing else
-        in it waits for the device, except on logging steps, in the per-expert fallback of ``routing.expert_matmul``
-        and, with ``expert_parallel``, for the exchange sizes. The first step (``n_training_steps == 0``) first sets the
-        biases from its batch (``bias_init``): SAELens's trainer has no other hook that sees data before training.
-        A refused first step puts them back.
+        The step reads the device once (``_batch_statistics``). SAELens's trainer has no hook that sees data before
+        training, so its first step (``n_training_steps == 0``) sets the biases from data if they never were.
         """
-        biases_before = None
-        if step_input.n_training_steps == 0 and self.cfg.bias_init != "none":
-            biases_before = (self.b_dec.detach().clone(), self.b_router.detach().clone())
-            self.initialize_biases_from_data(self._whole_batch(step_input.sae_in))
+        if step_input.n_training_steps == 0 and self.cfg.bias_init != "none" and not self.bias_init_done:
+            self.initialize_biases_from_data(step_input.sae_in)
         encoding = self.encode_routed(step_input.sae_in)
         feature_acts = self.hook_sae_acts_post(sparse_acts(encoding.code, self.cfg.d_sae))
         norms = self.decoder_row_norms()
-        decoded = self.decode_code(encoding.code, encoding, norms) + self.b_dec
+        decoded = encoding.route.decode(encoding.code, self.W_dec, norms) + self.b_dec
         sae_out = self.run_time_activation_norm_fn_out(self.hook_sae_recons(decoded))
         mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
         stats = self._batch_statistics(encoding, mse_loss, step_input.dead_neuron_mask)
@@ -476,35 +427,31 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
             "load_balance_loss": self.cfg.load_balance_coefficient * self.cfg.d_in * balance,  # d_in: MSE is a sum
         }
         if not stats.loss_is_finite:
-            if biases_before is not None:
-                with torch.no_grad():
-                    self.b_dec.copy_(biases_before[0])
-                    self.b_router.copy_(biases_before[1])
-            raise self._non_finite_loss_error(step_input, losses)
-        self._count_router_collapse(stats.max_expert_token_share)
-        aux_loss = self.auxk_loss(step_input.sae_in, encoding, sae_out, norms, stats.dead, stats.n_dead)
-        losses["auxiliary_reconstruction_loss"] = aux_loss
+            parameters = self.named_parameters()
+            raise non_finite_step_error(
+                step_input.n_training_steps, step_input.sae_in, losses, parameters, self.batch_parts
+            )
+        self.collapse_monitor.update(stats.max_expert_token_share)
+        losses["auxiliary_reconstruction_loss"] = self.auxk_loss(step_input.sae_in, encoding, sae_out, norms, stats)
         loss = torch.stack(list(losses.values())).sum()
         metrics = self._routing_metrics(encoding, stats) if step_input.is_logging_step else {}
         # hidden_pre: the routed candidates, the only pre-activations that exist
         return TrainStepOutput(step_input.sae_in, sae_out, feature_acts, encoding.candidates, loss, losses, metrics)
 
     def _batch_statistics(self, encoding: RoutedEncoding, mse_loss: Tensor, dead: Tensor | None) -> BatchStatistics:
-        """The expert fractions, the dead latents and the loss guard over the whole batch, and the step's one read
-        of the device.
+        """The expert fractions, the dead latents and the loss guard over every part of the batch, and the step's
+        one read of the device.
 
-        Data-parallel replicas add up their expert counts, their trainers' alive latents and their non-finite flags
-        in one all-reduce, so every replica makes the same decisions as one process with the whole batch: a latent is
-        dead when no replica saw it fire within the trainer's window. The guard, the dead count and the router share
-        then reach the host in one copy (on a GPU every separate read would stall the step again).
+        The parts add up their expert counts, their trainers' alive latents and their non-finite flags in one sum,
+        so every part makes the decisions one process with the whole batch makes: a latent is dead when no part saw
+        it fire within the trainer's window. The guard, the dead count and the router share then reach the host in
+        one copy (on a GPU every separate read would stall the step again).
         """
         n_experts = self.cfg.n_experts
-        counts = torch.bincount(encoding.routing.experts.flatten(), minlength=n_experts)
+        counts = expert_counts(encoding.routing.experts, n_experts)
         alive = (~dead).long() if dead is not None else counts.new_zeros(0)
         not_finite = ~torch.isfinite(mse_loss) | ~torch.isfinite(encoding.routing.probs).all()
-        packed = torch.cat([counts, alive, not_finite.long().view(1)])
-        if self.data_parallel_group is not None:
-            dist.all_reduce(packed, group=self.data_parallel_group)
+        packed = self.batch_parts.sum(torch.cat([counts, alive, not_finite.long().view(1)]))
         counts, alive, not_finite = packed.split([n_experts, alive.numel(), 1])
         fractions = counts.double() / counts.sum()
         dead = alive == 0 if dead is not None else None
@@ -513,85 +460,32 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         flag, dead_count, max_share = torch.stack([t.double() for t in (not_finite[0], n_dead, share)]).tolist()
         return BatchStatistics(fractions, dead, flag == 0, int(dead_count), max_share)
 
-    def _whole_batch(self, sae_in: Tensor) -> Tensor:
-        """``sae_in``, or with data-parallel replicas every replica's batch in rank order (the first step only)."""
-        if self.data_parallel_group is None:
-            return sae_in
-        parts = [torch.empty_like(sae_in) for _ in range(dist.get_world_size(self.data_parallel_group))]
-        dist.all_gather(parts, sae_in.contiguous(), group=self.data_parallel_group)
-        return torch.cat(parts)
-
     @torch.no_grad()
     def initialize_biases_from_data(self, sae_in: Tensor) -> None:
-        """Set ``b_dec`` and ``b_router`` to the ``bias_init`` centre of a batch ``[batch, d_in]``.
-
-        Computed in float64, once: squared distances of float32 activations can overflow.
-        """
-        points = sae_in.detach().reshape(-1, self.cfg.d_in).double()
-        centre = geometric_median(points) if self.cfg.bias_init == "geometric_median" else points.mean(0)
-        self.b_dec.copy_(centre)
-        self.b_router.copy_(centre)
-
-    @torch.no_grad()
-    def _non_finite_loss_error(self, step_input: TrainStepInput, losses: dict[str, Tensor]) -> FloatingPointError:
-        """Name the step and the culprit: bad input activations (the usual case) or an overflow inside the SAE."""
-        sae_in = step_input.sae_in
-        step = f"Training step {step_input.n_training_steps} (0-based trainer.n_training_steps)"
-        untouched = "The step was not applied: weights and optimizer state are as before it."
-        n_nan, n_inf = int(sae_in.isnan().sum()), int(sae_in.isinf().sum())
-        if n_nan or n_inf:
-            bad_rows = int((~torch.isfinite(sae_in)).flatten(1).any(dim=1).sum())
-            return FloatingPointError(
-                f"{step}: the input activations contain {n_nan} NaN and {n_inf} inf values, in {bad_rows} of the "
-                f"batch's {sae_in.shape[0]} rows. {untouched} They come from the model or the activation cache, not "
-                "the SAE: check the hooked model's dtype (float16 overflows; try a float32 model or autocast_lm=False) "
-                "and the cached activations. Resuming from a checkpoint replays the same batch."
+        """Set ``b_dec`` and ``b_router`` to the ``bias_init`` centre of a batch ``[..., d_in]`` (every part of it),
+        and mark them set. A batch that is not finite sets nothing: the step's guard then names it."""
+        if self.cfg.bias_init == "none":
+            raise ValueError(
+                "initialize_biases_from_data: this SAE's config has bias_init='none'; set bias_init to "
+                "'geometric_median' or 'mean' to choose how its biases are computed from data."
             )
-        values = ", ".join(f"{name}={float(value):.4g}" for name, value in losses.items())
-        bad_weights = [name for name, param in self.named_parameters() if not torch.isfinite(param).all()]
-        weights = f"non-finite parameters: {bad_weights}" if bad_weights else "all parameters are finite"
-        return FloatingPointError(
-            f"{step}: the loss is not finite ({values}) although the input activations are finite (largest |x| = "
-            f"{float(sae_in.abs().max()):.4g}; {weights}). {untouched} If |x| is that large, its squared error "
-            f"overflows {sae_in.dtype}: set normalize_activations='expected_average_only_in'. If parameters are "
-            "non-finite, resume from an earlier checkpoint with a lower lr."
-        )
-
-    def _count_router_collapse(self, max_expert_token_share: float) -> None:
-        """Count consecutive steps where one expert takes more than router_collapse_fraction of the tokens.
-
-        One batch can be lopsided by chance; a streak of router_collapse_window steps means the load balancing lost,
-        so it warns (once per SAE). The streak counts steps, not logging steps, so it runs every step.
-        """
-        cfg = self.cfg
-        if cfg.n_active_experts / cfg.n_experts >= cfg.router_collapse_fraction:
-            return
-        collapsed = max_expert_token_share > cfg.router_collapse_fraction
-        self.collapse_streak = self.collapse_streak + 1 if collapsed else 0
-        if self.collapse_streak >= cfg.router_collapse_window and not self._warned_collapse:
-            self._warned_collapse = True
-            warnings.warn(
-                f"Router collapse: for {self.collapse_streak} consecutive training steps one expert took more than "
-                f"router_collapse_fraction={cfg.router_collapse_fraction} of the tokens (last step: "
-                f"{max_expert_token_share:.1%}; balanced is {cfg.n_active_experts / cfg.n_experts:.1%}). The other "
-                f"experts' latents are starving. Raise load_balance_coefficient (now {cfg.load_balance_coefficient}) "
-                "or lower the learning rate; watch metrics/routing/max_expert_token_share.",
-                RuntimeWarning,
-                stacklevel=3,  # the caller of training_forward_pass
-            )
+        whole = self.batch_parts.concat(sae_in.reshape(-1, self.cfg.d_in).contiguous())
+        centre = batch_centre(whole, self.cfg.bias_init)
+        finite = torch.isfinite(centre).all()
+        for bias in (self.b_dec, self.b_router):
+            bias.copy_(torch.where(finite, centre, bias))
+        self.bias_init_done.copy_(finite)
 
     @torch.no_grad()
     def _routing_metrics(self, encoding: RoutedEncoding, stats: BatchStatistics) -> dict[str, Any]:
-        """The router's balance over the whole batch (every replica's), for SAELens's logger."""
+        """The router's balance over every part of the batch, for SAELens's logger."""
         fractions = stats.expert_fractions
-        entropy = -(fractions * fractions.clamp_min(1e-12).log()).sum()
         metrics: dict[str, Any] = {
-            "routing/expert_usage_entropy": entropy / math.log(self.cfg.n_experts) if self.cfg.n_experts > 1 else 1.0,
+            "routing/expert_usage_entropy": normalized_entropy(fractions),
             "routing/max_expert_fraction": fractions.max(),
             "routing/max_expert_token_share": fractions.max() * self.cfg.n_active_experts,
             "routing/load_balance": load_balance_loss(encoding.routing.probs, fractions),
-            "routing/collapse_streak": float(self.collapse_streak),
-            "routing/collapse_warning": float(self.collapse_streak >= self.cfg.router_collapse_window),
+            **self.collapse_monitor.metrics(),
         }
         omega = self.feature_scaling_omega()
         if omega is not None:
@@ -601,13 +495,9 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
     @override
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         """Fold Feature Scaling into W_enc and the decoder norms into W_dec; drop training-only tensors."""
-        if self.expert_shard is not None:
-            raise RuntimeError(
-                f"This expert-parallel SAE holds only rank {self.expert_shard.rank}'s experts, and an inference folder "
-                "needs all of them: train it with sae_lens_scale.distributed's DistributedSAETrainingRunner, which "
-                "gathers the experts and saves the whole SAE."
-            )
+        self.require_every_expert("an inference folder")
         super().process_state_dict_for_saving_inference(state_dict)
+        del state_dict["bias_init_done"]
         omega = state_dict.pop("omega", None)
         if omega is not None:
             state_dict["W_enc"] = feature_scaled_encoder(state_dict["W_enc"], omega).contiguous()
@@ -648,17 +538,10 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
             raise WeightsMismatchError(f"{weights}: {error} (the config is the resumed run's sae config)") from error
 
 
-def geometric_median(points: Tensor, n_iterations: int = 100) -> Tensor:
-    """The point of least summed Euclidean distance to the rows of ``points [n, d]`` (Weiszfeld's iteration).
-
-    Unlike the mean, it is not pulled towards the few activations of very large norm. A fixed number of iterations,
-    started at the mean, keeps it free of data-dependent host synchronisation; each one is a weighted mean.
-    """
-    median = points.mean(0)
-    for _ in range(n_iterations):
-        weights = 1 / torch.linalg.vector_norm(points - median, dim=1).clamp_min(1e-8)
-        median = weights @ points / weights.sum()
-    return median
+def init_router(d_in: int, n_experts: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A fresh router ``[d_in, n_experts]``, uniform within 1 / sqrt(d_in) like a linear layer's."""
+    bound = 1 / math.sqrt(d_in)
+    return torch.empty(d_in, n_experts, dtype=dtype, device=device).uniform_(-bound, bound)
 
 
 def _hooked(hook: HookPoint, flat: Tensor, leading: torch.Size) -> Tensor:

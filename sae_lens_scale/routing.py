@@ -4,16 +4,18 @@ Every function here works on a flat batch of tokens, ``[batch, d_in]``, and on t
 (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``) with experts as contiguous blocks of ``m = d_sae / n_experts``
 latents. Only the experts a token is routed to are ever multiplied: that is the whole point of these architectures,
 and why a routed SAE's encoder costs n_active_experts / n_experts of a dense one of the same width.
+
+Where the experts are computed is one object, ``Experts``: ``LocalExperts`` holds them all on this device; another
+implementation may compute them elsewhere, and the SAE's code does not change.
 """
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-if TYPE_CHECKING:  # expert_parallel imports this module
-    from sae_lens_scale.expert_parallel import Dispatch
 
 
 class Routing(NamedTuple):
@@ -31,13 +33,29 @@ class SparseCode(NamedTuple):
     acts: Tensor  # [batch, k] gate * ReLU(pre-activation)
 
 
+class ExpertRoute(Protocol):
+    """How one batch reached its experts; it decodes any code over the same routing (the main code and AuxK's)."""
+
+    def decode(self, code: SparseCode, W_dec: Tensor, decoder_row_norms: Tensor | None) -> Tensor: ...
+
+
+class Experts(Protocol):
+    """Where an SAE's experts are computed, chosen when the SAE is built. The SAE hands over the expert parameters
+    it holds: every expert's block, or only ``n_local_experts`` of them."""
+
+    @property
+    def n_local_experts(self) -> int: ...
+
+    def candidates(
+        self, centered: Tensor, routing: Routing, W_enc: Tensor, b_enc: Tensor, omega: Tensor | None
+    ) -> tuple[Tensor, ExpertRoute]: ...
+
+
 class RoutedEncoding(NamedTuple):
     routing: Routing
     candidates: Tensor  # [batch, n_active_experts * m] pre-activations of the routed experts' latents, slot-major
     code: SparseCode
-    # With expert parallelism, how the assignments travelled to their experts' ranks; the decode sends the
-    # activations back the same way. None on one device.
-    dispatch: "Dispatch | None" = None
+    route: ExpertRoute
 
 
 def router_probs(sae_in: Tensor, W_router: Tensor, b_router: Tensor) -> Tensor:
@@ -249,6 +267,25 @@ def sparse_decode(code: SparseCode, W_dec: Tensor, decoder_row_norms: Tensor | N
     return F.embedding_bag(code.latents, W_dec, per_sample_weights=weights.to(W_dec.dtype), mode="sum")
 
 
+@dataclass(frozen=True)
+class LocalExperts:
+    """Every expert on this device: the candidates are one grouped product, and the decode gathers k rows a token."""
+
+    n_experts: int
+
+    @property
+    def n_local_experts(self) -> int:
+        return self.n_experts
+
+    def candidates(
+        self, centered: Tensor, routing: Routing, W_enc: Tensor, b_enc: Tensor, omega: Tensor | None
+    ) -> tuple[Tensor, "LocalExperts"]:
+        return routed_preactivations(centered, W_enc, b_enc, routing.experts, self.n_experts, omega), self
+
+    def decode(self, code: SparseCode, W_dec: Tensor, decoder_row_norms: Tensor | None) -> Tensor:
+        return sparse_decode(code, W_dec, decoder_row_norms)
+
+
 def dense_acts(code: SparseCode, d_sae: int) -> Tensor:
     """The [batch, d_sae] feature activations SAELens's encode contract asks for."""
     return code.acts.new_zeros(code.acts.shape[0], d_sae).scatter(1, code.latents, code.acts)
@@ -269,18 +306,24 @@ def sparse_acts(code: SparseCode, d_sae: int) -> Tensor:
     )
 
 
-def expert_fractions(routing: Routing, n_experts: int) -> Tensor:
-    """Fraction of the batch's (token, slot) assignments that went to each expert; sums to 1."""
-    counts = torch.bincount(routing.experts.flatten(), minlength=n_experts)
-    return counts.to(routing.probs.dtype) / routing.experts.numel()
+def expert_counts(experts: Tensor, n_experts: int) -> Tensor:
+    """How many (token, slot) assignments went to each expert: ``[n_experts]`` int64."""
+    return torch.bincount(experts.flatten(), minlength=n_experts)
+
+
+def normalized_entropy(fractions: Tensor) -> Tensor:
+    """Entropy of the experts' shares over log(n_experts): 1 is perfectly balanced, 0 is one expert."""
+    n_experts = fractions.shape[-1]
+    entropy = torch.special.entr(fractions).sum(-1)
+    return entropy / math.log(n_experts) if n_experts > 1 else torch.ones_like(entropy)
 
 
 def load_balance_loss(probs: Tensor, fractions: Tensor) -> Tensor:
     """Switch Transformer balance loss ``N * sum_i f_i P_i``: 1 when balanced, up to N when collapsed.
 
-    ``fractions`` (f, e.g. ``expert_fractions``) carries no gradient; ``probs [batch, n_experts]`` gives P, the mean
-    router probability. Data-parallel replicas pass the whole batch's f with their own probs: their averaged
-    gradients are then those of the whole batch's loss.
+    ``fractions`` (f, ``expert_counts`` over their sum) carries no gradient; ``probs [batch, n_experts]`` gives P,
+    the mean router probability. The parts of a split batch pass the whole batch's f with their own probs: their
+    averaged gradients are then those of the whole batch's loss.
     """
     return probs.shape[-1] * (fractions.to(probs.dtype) * probs.mean(0)).sum()
 

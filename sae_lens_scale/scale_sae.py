@@ -2,7 +2,7 @@
 outputs weighted by router probability, and Feature Scaling of each expert's encoder during training."""
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -59,8 +59,16 @@ class ScaleTrainingSAE(RoutedTrainingSAE[ScaleTrainingSAEConfig]):
     def initialize_weights(self) -> None:
         super().initialize_weights()
         if self.cfg.feature_scaling == "mean":
-            self.omega = nn.Parameter(torch.zeros(self.n_local_experts, dtype=self.dtype, device=self.device))
+            self.omega = nn.Parameter(torch.zeros(self.cfg.n_experts, dtype=self.dtype, device=self.device))
 
     @override
     def feature_scaling_omega(self) -> Tensor | None:
         return self.omega if self.cfg.feature_scaling == "mean" else None
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        """Weights without omega are an export, which folded it into W_enc: training continues from omega = 0,
+        which encodes exactly as the export."""
+        if self.cfg.feature_scaling == "mean":
+            state_dict.setdefault("omega", torch.zeros(self.cfg.n_experts, dtype=self.dtype))
+        super().process_state_dict_for_loading(state_dict)

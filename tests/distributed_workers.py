@@ -22,8 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch.multiprocessing.spawn import start_processes
 
 from sae_lens_scale import RoutedTrainingSAE
-from sae_lens_scale.distributed import DistributedSAETrainingRunner, init_data_parallel, replicate_training_pass
-from sae_lens_scale.expert_parallel import SHARDED_DIMS, ExpertShard, gathered_state_dict
+from sae_lens_scale.parallel import DistributedSAETrainingRunner, expert_parallel_sae, replicate_training_pass
+from sae_lens_scale.parallel.checkpoints import gathered_state_dict
+from sae_lens_scale.parallel.experts import ExpertShard, ShardedExperts
+from sae_lens_scale.parallel.process_group import join_process_group
+from sae_lens_scale.parallel.shards import SHARDED_DIMS
 from tests.conftest import CONTEXT, build_tiny_model, build_token_dataset
 from tests.helpers import tiny_runner_config, tiny_sae_config
 
@@ -73,7 +76,7 @@ def torchrun_environment(rank: int, world_size: int, port: int) -> None:
 def process_group(rank: int, world_size: int, port: int) -> Iterator[None]:
     """This rank in the gloo group, destroyed when the rank's work ends, however it ends."""
     torchrun_environment(rank, world_size, port)
-    init_data_parallel("cpu")
+    join_process_group("cpu")
     try:
         yield
     finally:
@@ -142,9 +145,7 @@ def run_runner(
 
         model.add_perma_hook("blocks.1.hook_resid_pre", fail)
     cfg = tiny_runner_config(
-        tiny_sae_config(
-            architecture, normalize_activations="expected_average_only_in", expert_parallel=expert_parallel
-        ),
+        tiny_sae_config(architecture, normalize_activations="expected_average_only_in"),
         Path(output),
         training_tokens=20 * 256 * world_size,
         n_batches_for_norm_estimate=2,
@@ -153,7 +154,9 @@ def run_runner(
         resume_from_checkpoint=resume_from_checkpoint,
         **stream,
     )
-    runner = DistributedSAETrainingRunner(cfg, override_dataset=build_token_dataset(), override_model=model)
+    runner = DistributedSAETrainingRunner(
+        cfg, override_dataset=build_token_dataset(), override_model=model, expert_parallel=expert_parallel
+    )
     try:
         runner.run()
     except Exception as error:  # when and why, so a test can find the first failure (torchrun's "root cause")
@@ -169,7 +172,7 @@ def expert_parallel_pass(
     """One training pass (forward, backward, gradient sync) of this rank's experts on its half of the batch."""
     with process_group(rank, world_size, port):
         inputs = load_file(inputs_path)
-        sae = expert_parallel_sae(config, inputs)
+        sae = sharded_copy(config, inputs)
         per_rank = inputs["x"].shape[0] // world_size
         x = inputs["x"][rank * per_rank : (rank + 1) * per_rank]
         step = TrainStepInput(x, {}, inputs["dead"].bool(), n_training_steps=1, is_logging_step=False)
@@ -189,8 +192,7 @@ def expert_parallel_training(
     """STEPS of SAELens's trainer with this rank's experts, then the whole SAE gathered on rank 0."""
     with process_group(rank, world_size, port):
         inputs = load_file(inputs_path)
-        sae = expert_parallel_sae(config, inputs)
-        assert sae.expert_shard is not None
+        sae = sharded_copy(config, inputs)
         batches = inputs["batches"]
         per_rank = batches.shape[1] // world_size
         trainer = SAETrainer(
@@ -199,7 +201,7 @@ def expert_parallel_training(
             data_provider=iter(batches[:, rank * per_rank : (rank + 1) * per_rank]),
         )
         trainer.fit()
-        full = gathered_state_dict(sae.state_dict(), sae.expert_shard)
+        full = gathered_state_dict(sae.state_dict(), shard_held(sae))
         if full is not None:
             save_file(full, out_path)
 
@@ -208,9 +210,8 @@ def expert_parallel_init(rank: int, world_size: int, port: int, config: dict[str
     """A fresh expert-parallel SAE from seed 0, gathered on rank 0."""
     with process_group(rank, world_size, port):
         torch.manual_seed(0)
-        sae = TrainingSAE.from_dict(TrainingSAEConfig.from_dict(config | {"expert_parallel": True}).to_dict())
-        assert isinstance(sae, RoutedTrainingSAE) and sae.expert_shard is not None
-        full = gathered_state_dict(sae.state_dict(), sae.expert_shard)
+        sae = expert_parallel_sae(TrainingSAEConfig.from_dict(config))
+        full = gathered_state_dict(sae.state_dict(), shard_held(sae))
         if full is not None:
             save_file(full, out_path)
 
@@ -228,12 +229,16 @@ def shard_of(full_state_dict: dict[str, torch.Tensor], shard: ExpertShard, n_exp
     return local
 
 
-def expert_parallel_sae(config: dict[str, Any], inputs: dict[str, torch.Tensor]) -> RoutedTrainingSAE[Any]:
+def shard_held(sae: RoutedTrainingSAE[Any]) -> ExpertShard:
+    assert isinstance(sae.experts, ShardedExperts)
+    return sae.experts.shard
+
+
+def sharded_copy(config: dict[str, Any], inputs: dict[str, torch.Tensor]) -> RoutedTrainingSAE[Any]:
     """This rank's share of the SAE whose whole state is in ``inputs`` (prefix ``state/``)."""
-    sae = TrainingSAE.from_dict(TrainingSAEConfig.from_dict(config | {"expert_parallel": True}).to_dict())
-    assert isinstance(sae, RoutedTrainingSAE) and sae.expert_shard is not None
+    sae = expert_parallel_sae(TrainingSAEConfig.from_dict(config))
     full = {name.removeprefix("state/"): tensor for name, tensor in inputs.items() if name.startswith("state/")}
-    sae.load_state_dict(shard_of(full, sae.expert_shard, sae.cfg.n_experts))
+    sae.load_state_dict(shard_of(full, shard_held(sae), sae.cfg.n_experts))
     return sae
 
 

@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 from torch.multiprocessing.spawn import ProcessRaisedException
 
 from sae_lens_scale import ScaleSAE, ScaleTrainingSAEConfig, SwitchTrainingSAEConfig
-from sae_lens_scale.distributed import rank_checkpoint, rank_config, shard, shard_activation_store
+from sae_lens_scale.parallel.checkpoints import rank_checkpoint
+from sae_lens_scale.parallel.data import shard_activation_store, shard_dataset
+from sae_lens_scale.parallel.runner import rank_config
 from tests.conftest import build_token_dataset
 from tests.distributed_workers import STEPS, launch, run_runner, train_steps, train_with_trainer
 from tests.helpers import tiny_runner_config, tiny_sae_config
@@ -87,16 +89,16 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path: Path) -> None:
 
 def test_each_rank_gets_its_own_share_of_tokens_and_rank_0_alone_writes() -> None:
     cfg = tiny_runner_config(tiny_sae_config("scale"), Path("out"), training_tokens=4 * 256 * 3)
-    shares = [rank_config(cfg, rank, 3) for rank in range(3)]
+    shares = [rank_config(cfg, rank, 3, False) for rank in range(3)]
     assert [share.training_tokens for share in shares] == [1024, 1024, 1024]
     assert shares[0].output_path == cfg.output_path and shares[0].checkpoint_path == cfg.checkpoint_path
     assert all(share.output_path is None and share.checkpoint_path is None for share in shares[1:])
     with pytest.raises(ValueError, match=r"training_tokens=1000 is not a whole number of global batches"):
-        rank_config(tiny_runner_config(tiny_sae_config("scale"), Path("out"), training_tokens=1000), 0, 2)
+        rank_config(tiny_runner_config(tiny_sae_config("scale"), Path("out"), training_tokens=1000), 0, 2, False)
 
     rows: list[Any] = []
     for rank in range(3):
-        rows += shard(build_token_dataset(30), rank, 3)["input_ids"]
+        rows += shard_dataset(build_token_dataset(30), rank, 3)["input_ids"]
     assert sorted(map(tuple, rows)) == sorted(map(tuple, build_token_dataset(30)["input_ids"]))  # disjoint, complete
 
 
@@ -105,14 +107,14 @@ def test_each_rank_builds_its_sae_on_its_own_device() -> None:
     so each rank's share must build it on that rank's device, not on the SAE config's default."""
     cfg = tiny_runner_config(tiny_sae_config("scale", device="meta"), Path("out"), training_tokens=4 * 256 * 2)
     assert cfg.sae.device == "meta" and cfg.device == "cpu"
-    assert [rank_config(cfg, rank, 2).sae.device for rank in range(2)] == ["cpu", "cpu"]
+    assert [rank_config(cfg, rank, 2, False).sae.device for rank in range(2)] == ["cpu", "cpu"]
 
 
 def test_a_stream_of_one_file_is_split_between_the_ranks_by_example() -> None:
     """A streamed dataset with fewer files than ranks cannot be split by file; each rank then takes every other
     example, and together they read each example once."""
     stream = build_token_dataset(30).to_iterable_dataset(num_shards=1)
-    rows_of = [cast(Iterable[dict[str, Any]], shard(stream, rank, 2)) for rank in range(2)]
+    rows_of = [cast(Iterable[dict[str, Any]], shard_dataset(stream, rank, 2)) for rank in range(2)]
     parts = [[tuple(row["input_ids"]) for row in rows] for rows in rows_of]
     assert [len(part) for part in parts] == [15, 15]
     assert sorted(parts[0] + parts[1]) == sorted(map(tuple, build_token_dataset(30)["input_ids"]))
@@ -122,10 +124,10 @@ def test_the_learning_rate_schedule_must_fit_the_steps_each_rank_takes() -> None
     """3 ranks x 256 tokens x 4 steps: a schedule counted in one device's 12 steps is refused, with the fix."""
     sae_cfg = tiny_sae_config("scale")
     fitting = tiny_runner_config(sae_cfg, Path("out"), training_tokens=3 * 256 * 4, lr_decay_steps=3)
-    assert rank_config(fitting, 0, 3).lr_decay_steps == 3
+    assert rank_config(fitting, 0, 3, False).lr_decay_steps == 3
     too_long = tiny_runner_config(sae_cfg, Path("out"), training_tokens=3 * 256 * 4, lr_decay_steps=10)
     with pytest.raises(ValueError, match=r"lr_warm_up_steps=0 \+ lr_decay_steps=10 exceed the run's 4 steps"):
-        rank_config(too_long, 0, 3)
+        rank_config(too_long, 0, 3, False)
 
 
 def test_cached_activations_are_sharded_like_tokens() -> None:

@@ -11,8 +11,9 @@ from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from safetensors.torch import load_file, save_file
 
 from sae_lens_scale import ScaleSAE, ScaleTrainingSAEConfig, SwitchTrainingSAEConfig
-from sae_lens_scale.expert_parallel import SHARDED_DIMS, merge_checkpoint
 from sae_lens_scale.hub import load_sae
+from sae_lens_scale.parallel import merge_checkpoint
+from sae_lens_scale.parallel.shards import SHARDED_DIMS
 from sae_lens_scale.routed_sae import RoutedTrainingSAE
 from tests.distributed_workers import (
     STEPS,
@@ -120,7 +121,7 @@ def test_the_runner_with_expert_parallelism_writes_one_ordinary_folder(tmp_path:
     # decoder norms in): same outputs.
     (final,) = (run / "rank-0").glob("final_*")
     merged = load_sae(merge_checkpoint(final, tmp_path / "merged"))
-    assert merged.W_dec.shape == (128, 32) and not merged.cfg.expert_parallel
+    assert merged.W_dec.shape == (128, 32)
     torch.testing.assert_close(merged(x), sae(x), rtol=1e-4, atol=1e-4)
 
 

@@ -92,6 +92,29 @@ def test_the_core_does_not_import_its_tools() -> None:
     assert len(core) >= 8 and not [path.name for path in core if tools_import.search(path.read_text())]
 
 
+def test_the_engine_imports_only_torch() -> None:
+    """Loaded from its file in a fresh interpreter after torch: no module outside torch and the standard library."""
+    script = (
+        "import importlib.util, json, sys\n"
+        "import torch\n"
+        "before = set(sys.modules)\n"
+        f"spec = importlib.util.spec_from_file_location('engine', {str(PACKAGE / 'routing.py')!r})\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "print(json.dumps(sorted({name.split('.')[0] for name in set(sys.modules) - before})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    loaded = set(json.loads(result.stdout.splitlines()[-1]))
+    assert not {name for name in loaded if name != "torch" and name not in sys.stdlib_module_names}, loaded
+
+
+def test_the_single_device_sae_knows_nothing_of_the_parallel_package() -> None:
+    """Distribution wraps the SAE: no module outside ``parallel/`` imports it, names it, or speaks of ranks."""
+    mention = re.compile(r"\bparallel\b|\brank", re.IGNORECASE)
+    core = sorted(PACKAGE.glob("*.py"))
+    assert len(core) >= 9
+    assert not [path.name for path in core if mention.search(path.read_text())]
+
+
 def test_no_module_reads_stack_frames() -> None:
     frame_access = re.compile(r"currentframe|f_locals|_getframe|f_back")
     assert not [str(path) for path in PACKAGE.rglob("*.py") if frame_access.search(path.read_text())]

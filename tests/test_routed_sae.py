@@ -18,8 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 
 from sae_lens_scale import RoutedTrainingSAE, ScaleSAE, ScaleTrainingSAE, ScaleTrainingSAEConfig, SwitchSAE
 from sae_lens_scale.flops import routed_flops
-from sae_lens_scale.routed_sae import geometric_median
 from sae_lens_scale.routing import uses_grouped_mm
+from sae_lens_scale.training_guards import geometric_median
 from tests.helpers import StepAudit, dense_reference, scale_training_sae, switch_training_sae
 
 D_IN, D_SAE, N_EXPERTS, K = 12, 48, 6, 5
@@ -475,6 +475,55 @@ def test_first_step_sets_the_biases_from_its_batch_once(bias_init: str) -> None:
     later = sae.b_dec.detach().clone()
     sae.training_forward_pass(step_input(batch - 10.0, None, step=1))  # a later (or resumed) step leaves them alone
     assert torch.equal(sae.b_dec.detach(), later)
+
+
+def biases(sae: RoutedTrainingSAE[Any]) -> dict[str, torch.Tensor]:
+    return {name: getattr(sae, name).detach().clone() for name in ("b_dec", "b_router")}
+
+
+def test_a_trained_saved_or_loaded_sae_never_sets_its_biases_from_data_again(tmp_path: Path) -> None:
+    """Biases come from data once in an SAE's life: a later first step, on the SAE, on its checkpoint loaded into a
+    fresh SAE, or on its export loaded for training, leaves the trained biases as they are."""
+    trainer = make_trainer(tiny_training_sae("scale"))
+    generator = torch.Generator().manual_seed(4)
+    for step in range(3):
+        trainer.n_training_steps = step
+        trainer.step(torch.randn(BATCH, D_MODEL, generator=generator) + 3.0)
+    sae = trainer.sae
+    trained = biases(sae)
+    assert sae.bias_init_done.item() == 1
+    other_batch = torch.randn(BATCH, D_MODEL, generator=generator) - 5.0
+    first_step = step_input(other_batch, None, step=0)
+
+    sae.training_forward_pass(first_step)
+    sae.save_model(tmp_path / "checkpoint")
+    sae.save_inference_model(tmp_path / "export")
+    fresh = tiny_training_sae("scale")
+    fresh.load_weights_from_checkpoint(tmp_path / "checkpoint")
+    from_disk = TrainingSAE.load_from_disk(tmp_path / "checkpoint")
+    from_export = TrainingSAE.load_from_disk(tmp_path / "export")
+    assert isinstance(from_disk, RoutedTrainingSAE) and isinstance(from_export, RoutedTrainingSAE)
+    for loaded in (sae, fresh, from_disk, from_export):
+        loaded.training_forward_pass(first_step)
+        for name, tensor in biases(loaded).items():
+            assert torch.equal(tensor, trained[name]), name
+    assert "bias_init_done" not in load_file(tmp_path / "export" / "sae_weights.safetensors")
+    x = torch.randn(64, D_MODEL, generator=generator) + 3.0
+    torch.testing.assert_close(from_export(x), sae(x), rtol=1e-5, atol=1e-5)  # omega = 0 on the folded encoder
+
+
+def test_a_fresh_sae_sets_its_biases_on_the_first_finite_batch_only() -> None:
+    sae = tiny_training_sae("switch")
+    before = biases(sae)
+    broken = torch.randn(BATCH, D_MODEL)
+    broken[5, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="1 NaN and 0 inf values"):
+        sae.training_forward_pass(step_input(broken, None, step=0))
+    assert sae.bias_init_done.item() == 0 and all(torch.equal(t, before[n]) for n, t in biases(sae).items())
+    batch = torch.randn(BATCH, D_MODEL) + 2.0
+    sae.training_forward_pass(step_input(batch, None, step=0))
+    torch.testing.assert_close(sae.b_dec.detach(), geometric_median(batch.double()).float())
+    assert sae.bias_init_done.item() == 1
 
 
 def test_a_training_step_reads_the_device_once_and_never_builds_batch_by_width(monkeypatch: pytest.MonkeyPatch) -> None:

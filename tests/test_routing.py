@@ -5,6 +5,7 @@ import torch
 
 from sae_lens_scale.routing import (
     MIN_ROW_NORM,
+    LocalExperts,
     RoutedEncoding,
     Routing,
     SparseCode,
@@ -12,11 +13,12 @@ from sae_lens_scale.routing import (
     auxk_code,
     dense_acts,
     expert_blocks,
-    expert_fractions,
+    expert_counts,
     feature_scaled_encoder,
     global_topk,
     group_by_expert,
     load_balance_loss,
+    normalized_entropy,
     routed_preactivations,
     row_norms,
     sparse_decode,
@@ -116,22 +118,36 @@ def test_sparse_decode_equals_dense_product(normalised: bool) -> None:
     torch.testing.assert_close(sparse_decode(code, W_dec, norms), expected, rtol=1e-12, atol=1e-12)
 
 
+def fractions(routing: Routing, n_experts: int) -> torch.Tensor:
+    counts = expert_counts(routing.experts, n_experts)
+    return counts / counts.sum()
+
+
+def test_expert_counts_and_entropy_known_answers() -> None:
+    experts = torch.tensor([[0, 2], [2, 3], [2, 0]])
+    assert expert_counts(experts, 5).tolist() == [2, 0, 3, 1, 0]
+    assert normalized_entropy(torch.full((4,), 0.25)).item() == pytest.approx(1.0)
+    assert normalized_entropy(torch.tensor([0.0, 1.0, 0.0])).item() == pytest.approx(0.0)
+    assert normalized_entropy(torch.tensor([0.5, 0.5, 0.0, 0.0])).item() == pytest.approx(0.5)
+
+
 def test_load_balance_loss_is_one_when_balanced_and_n_when_collapsed() -> None:
     n_experts = 4
     uniform = torch.full((8, n_experts), 1 / n_experts)
     balanced = Routing(uniform, torch.arange(8).remainder(n_experts).unsqueeze(1), uniform[:, :1])
-    assert load_balance_loss(balanced.probs, expert_fractions(balanced, n_experts)).item() == pytest.approx(1.0)
+    assert load_balance_loss(balanced.probs, fractions(balanced, n_experts)).item() == pytest.approx(1.0)
     onehot = torch.zeros(8, n_experts)
     onehot[:, 2] = 1
     collapsed = Routing(onehot, torch.full((8, 1), 2), onehot[:, 2:3])
-    assert load_balance_loss(collapsed.probs, expert_fractions(collapsed, n_experts)).item() == pytest.approx(n_experts)
+    assert load_balance_loss(collapsed.probs, fractions(collapsed, n_experts)).item() == pytest.approx(n_experts)
 
 
 def test_auxk_code_takes_the_largest_dead_candidates_only() -> None:
     routing = Routing(torch.zeros(1, 3), torch.tensor([[2, 0]]), torch.tensor([[0.5, 0.25]]))
     candidates = torch.tensor([[9.0, 3.0, 2.0, 8.0]])  # expert 2: latents 4, 5; expert 0: latents 0, 1
     dead = torch.tensor([True, True, False, False, True, False])
-    code = auxk_code(RoutedEncoding(routing, candidates, global_topk(candidates, routing, 1)), dead, k_aux=2)
+    encoding = RoutedEncoding(routing, candidates, global_topk(candidates, routing, 1), LocalExperts(3))
+    code = auxk_code(encoding, dead, k_aux=2)
     found = dict(zip(code.latents[0].tolist(), code.acts[0].tolist(), strict=True))
     assert found == {4: 0.5 * 9.0, 1: 0.25 * 8.0}  # latent 5 is alive; latent 0 is dead but smaller
 

@@ -146,7 +146,7 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(
     assert dead_counts_c == dead_counts_a[11:]  # firing statistics were restored, so AuxK saw the same dead latents
     assert max(dead_counts_a) > 0
     state_a, state_c = sae_a.state_dict(), sae_c.state_dict()
-    expected_names = {"W_enc", "b_enc", "W_dec", "b_dec", "W_router", "b_router"} | (
+    expected_names = {"W_enc", "b_enc", "W_dec", "b_dec", "W_router", "b_router", "bias_init_done"} | (
         {"omega"} if architecture == "scale" else set()
     )
     assert set(state_a) == set(state_c) == expected_names

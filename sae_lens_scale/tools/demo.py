@@ -2,13 +2,13 @@
 
 Everything goes through SAELens's unchanged path (``LanguageModelSAETrainingRunner``, ``run_evals``,
 ``SAE.load_from_disk``), so the demo doubles as an end-to-end check of the plugin. The default model and text
-install from package registries (``sae_lens_scale.offline``); any TransformerLens model name and Hugging Face dataset
-path work too for users who can reach the Hub.
+install from package registries (``sae_lens_scale.tools.offline``); any TransformerLens model name and Hugging Face
+dataset path work too for users who can reach the Hub.
 
 Why a TransformerLens ``HookedTransformer`` built from the GGUF weights rather than SAELens's
 ``AutoModelForCausalLM`` path: its hooks and ``stop_at_layer`` are what SAELens's activation store and evals were
-written against, its loss matches the HF model (tested in tests/test_offline.py), and harvesting stops at the hooked
-block instead of running all 30.
+written against, its loss matches the HF model (tested in tests/tools/test_offline.py), and harvesting stops at the
+hooked block instead of running all 30.
 """
 
 import json

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sae_lens_scale.routed_sae import geometric_median
+from sae_lens_scale.training_guards import geometric_median
 
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 ROW_KEYS = {
