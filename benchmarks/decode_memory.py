@@ -17,16 +17,12 @@ above the same resting point.
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from speed import RESULTS, proc_status_mb
+from common import in_fresh_process, median_seconds, peak_mb, start_peak, write_results
 
 D_IN, BATCH, K = 768, 4096, 32
 WIDTHS = (24_576, 262_144)
@@ -48,14 +44,6 @@ METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 }
 
 
-def resident_mb(device: str) -> float:
-    return torch.cuda.memory_allocated() / 2**20 if device == "cuda" else proc_status_mb("VmRSS")
-
-
-def peak_mb(device: str) -> float:
-    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else proc_status_mb("VmHWM")
-
-
 def probe(method: str, d_sae: int, device: str) -> dict[str, float]:
     """One method, fresh process: peak memory of a forward + backward above rest, then its median time."""
     generator = torch.Generator().manual_seed(0)
@@ -70,23 +58,10 @@ def probe(method: str, d_sae: int, device: str) -> dict[str, float]:
     def step() -> None:
         decode(latents, acts, W_dec).backward(grad_out)
 
-    resting = resident_mb(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
-    step()
+    resting = start_peak(device)
+    step()  # also the warm-up of the timed runs
     peak = peak_mb(device) - resting
-    times = []
-    for _ in range(REPEATS):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return {"peak_above_rest_mb": peak, "ms": 1000 * sorted(times)[REPEATS // 2]}
+    return {"peak_above_rest_mb": peak, "ms": 1000 * median_seconds(step, REPEATS, device, warm_up=False)}
 
 
 def main() -> None:
@@ -100,8 +75,7 @@ def main() -> None:
     rows = []
     for d_sae in WIDTHS:
         for method in METHODS:
-            command = [sys.executable, __file__, "--device", args.device, "--probe", method, str(d_sae)]
-            measured = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+            measured = in_fresh_process(__file__, "--device", args.device, "--probe", method, str(d_sae))
             rows.append({"method": method, "d_sae": d_sae, **measured})
     result = {"device": args.device, "d_in": D_IN, "batch": BATCH, "k": K, "torch": torch.__version__, "rows": rows}
     lines = [
@@ -114,11 +88,9 @@ def main() -> None:
         "|---:|---|---:|---:|",
         *[f"| {r['d_sae']} | {r['method']} | {r['peak_above_rest_mb']:.0f} | {r['ms']:.1f} |" for r in rows],
     ]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"decode-memory-{args.device}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = "\n".join(lines) + "\n"
+    write_results(f"decode-memory-{args.device}", result, table)
+    print(table, end="")
 
 
 if __name__ == "__main__":

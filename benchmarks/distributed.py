@@ -10,31 +10,24 @@ training tokens/s over the global batch, and each process's peak RSS.
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.multiprocessing.spawn import start_processes
 
 from sae_lens_scale import ScaleTrainingSAE, ScaleTrainingSAEConfig
-from sae_lens_scale.distributed import init_data_parallel, replicate_training_pass
+from sae_lens_scale.parallel import replicate_training_pass
 
-from speed import RESULTS, Shape, make_trainer, proc_status_mb
+from common import Shape, in_fresh_process, make_trainer, on_two_ranks, proc_status_mb, write_results
 
 SHAPE = Shape(d_in=768, d_sae=24576, k=32, batch=4096, repeats=5)
 N_EXPERTS, N_ACTIVE = 64, 2
 
 
-def measure(rank: int, world_size: int, threads: int) -> dict[str, float]:
+def measure(rank: int, world_size: int) -> dict[str, float]:
     """Median step seconds over this process's share of the global batch, and its peak RSS."""
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     config = ScaleTrainingSAEConfig(
         d_in=SHAPE.d_in, d_sae=SHAPE.d_sae, n_experts=N_EXPERTS, n_active_experts=N_ACTIVE, k=SHAPE.k
@@ -57,34 +50,16 @@ def measure(rank: int, world_size: int, threads: int) -> dict[str, float]:
     return {"step_s": statistics.median(times), "peak_rss_mb": proc_status_mb("VmHWM")}
 
 
-def rank_worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": "2"}
-    init_data_parallel("cpu")
-    try:
-        result = measure(rank, world_size, threads=1)
-        Path(f"{out}.rank{rank}").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:  # in a fresh process, so its peak RSS is its own
-        print(json.dumps(measure(0, 1, threads=2)))
+        torch.set_num_threads(2)
+        print(json.dumps(measure(0, 1)))
         return
-    single = json.loads(
-        subprocess.run([sys.executable, __file__, "--single"], check=True, capture_output=True, text=True).stdout
-    )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    out = str(RESULTS / "distributed-probe")
-    start_processes(rank_worker, args=(2, port, out), nprocs=2, join=True)
-    ranks = [json.loads(Path(f"{out}.rank{rank}").read_text()) for rank in range(2)]
-    for rank in range(2):
-        Path(f"{out}.rank{rank}").unlink()
+    single = in_fresh_process(__file__, "--single")
+    ranks = on_two_ranks(measure)
     rows: list[dict[str, Any]] = [
         {"setup": "1 process, 2 threads", "tokens_per_s": SHAPE.batch / single["step_s"], **single},
         {
@@ -115,10 +90,9 @@ def main() -> None:
             for row in rows
         ],
     ]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "distributed-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "distributed-cpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = "\n".join(lines) + "\n"
+    write_results("distributed-cpu", result, table)
+    print(table, end="")
 
 
 if __name__ == "__main__":

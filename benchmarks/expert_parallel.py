@@ -11,23 +11,23 @@ sweep for a setup stops at the first width over the limit (that width is measure
 
 import argparse
 import json
-import os
-import socket
-import statistics
 import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch.multiprocessing.spawn import start_processes
 
 from sae_lens_scale import ScaleTrainingSAE, ScaleTrainingSAEConfig
-from sae_lens_scale.distributed import init_data_parallel
+from sae_lens_scale.parallel import expert_parallel_sae
 
-from speed import RESULTS, Shape, make_trainer, proc_status_mb
+from common import (
+    Shape,
+    in_fresh_process,
+    make_trainer,
+    median_seconds,
+    on_two_ranks,
+    proc_status_mb,
+    write_results,
+)
 
 D_IN, K, BATCH, EXPERT_WIDTH, REPEATS = 768, 32, 4096, 512, 3
 WIDTHS = (65_536, 131_072, 262_144, 524_288, 1_048_576)
@@ -36,55 +36,29 @@ WIDTHS = (65_536, 131_072, 262_144, 524_288, 1_048_576)
 def measure(rank: int, world_size: int, d_sae: int) -> dict[str, float]:
     """Median seconds of this process's steps over its share of the global batch, and its peak RSS."""
     torch.manual_seed(0)
-    config = ScaleTrainingSAEConfig(
-        d_in=D_IN, d_sae=d_sae, n_experts=d_sae // EXPERT_WIDTH, n_active_experts=2, k=K, expert_parallel=world_size > 1
-    )
-    sae = ScaleTrainingSAE(config)
+    config = ScaleTrainingSAEConfig(d_in=D_IN, d_sae=d_sae, n_experts=d_sae // EXPERT_WIDTH, n_active_experts=2, k=K)
+    sae = expert_parallel_sae(config) if world_size > 1 else ScaleTrainingSAE(config)
     per_rank = BATCH // world_size
     trainer = make_trainer(sae, Shape(d_in=D_IN, d_sae=d_sae, k=K, batch=per_rank, repeats=REPEATS))
     batch = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(1))[
         rank * per_rank : (rank + 1) * per_rank
     ]
-    trainer.step(batch)  # warm-up: Adam state
-    times = []
-    for _ in range(REPEATS):
-        started = time.perf_counter()
-        trainer.step(batch)
-        times.append(time.perf_counter() - started)
     return {
-        "step_s": statistics.median(times),
+        "step_s": median_seconds(lambda: trainer.step(batch), REPEATS),
         "peak_rss_mb": proc_status_mb("VmHWM"),
         "parameters": sum(p.numel() for p in sae.parameters()),
     }
 
 
-def rank_worker(rank: int, world_size: int, port: int, d_sae: int, out: str) -> None:
-    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": "2"}
-    torch.set_num_threads(1)
-    init_data_parallel("cpu")
-    try:
-        Path(f"{out}.rank{rank}").write_text(json.dumps(measure(rank, world_size, d_sae)))
-    finally:
-        dist.destroy_process_group()
-
-
 def one_process(d_sae: int) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--one-process", str(d_sae)]
-    run = subprocess.run(command, capture_output=True, text=True)
-    if run.returncode != 0:
-        return {"failed": f"exit code {run.returncode}: {run.stderr.strip()[-300:]}"}
-    return json.loads(run.stdout.splitlines()[-1])
+    try:
+        return in_fresh_process(__file__, "--one-process", str(d_sae))
+    except subprocess.CalledProcessError as error:  # killed for memory, say: that is a result too
+        return {"failed": f"exit code {error.returncode}: {error.stderr.strip()[-300:]}"}
 
 
 def two_ranks(d_sae: int) -> dict[str, Any]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    out = str(RESULTS / "expert-parallel-probe")
-    start_processes(rank_worker, args=(2, port, d_sae, out), nprocs=2, join=True)
-    ranks = [json.loads(Path(f"{out}.rank{rank}").read_text()) for rank in range(2)]
-    for rank in range(2):
-        Path(f"{out}.rank{rank}").unlink()
+    ranks = on_two_ranks(measure, d_sae)
     return {
         "step_s": max(r["step_s"] for r in ranks),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
@@ -143,10 +117,9 @@ def main() -> None:
             f"| {BATCH / row['step_s']:.0f} | {row['peak_rss_mb']:.0f} | {within} |"
         )
     lines += ["", *[f"Widest within the limit, {setup}: {width:,} latents." for setup, width in widest.items()]]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "expert-parallel-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "expert-parallel-cpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = "\n".join(lines) + "\n"
+    write_results("expert-parallel-cpu", result, table)
+    print(table, end="")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Each variant trains with SAELens's ``SAETrainer`` on the same token stream as ``
 
 import argparse
 import itertools
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,9 +37,21 @@ from sae_lens_scale import (
 from sae_lens_scale.metrics import expert_usage
 from sae_lens_scale.routing import auxk_code
 
-import quality
+from common import (
+    DEAD_WINDOW_FRACTION,
+    QUALITY_FULL,
+    QUALITY_QUICK,
+    QualityConfig,
+    activation_cache,
+    activation_scale,
+    batches,
+    cached_activations,
+    reconstruction,
+    result_file,
+    trainer_config,
+    write_results,
+)
 
-RESULTS = Path(__file__).parent / "results"
 SNAPSHOTS = (0.1, 0.25, 0.5, 1.0)
 FREQUENCY_BINS = torch.linspace(-6, 0, 25)  # log10 firing frequency; never-firing latents are counted apart
 
@@ -52,7 +63,7 @@ class Variant:
     name: str
     architecture: str
     fields: dict[str, Any] = field(default_factory=dict)
-    dead_window_fraction: float = quality.DEAD_WINDOW_FRACTION
+    dead_window_fraction: float = DEAD_WINDOW_FRACTION
 
     def make(self, d_in: int, d_sae: int, k: int) -> RoutedTrainingSAE[Any]:
         if self.architecture == "switch":
@@ -146,18 +157,18 @@ class Probe:
         return [never, *counts.tolist()]
 
 
-def diagnose(variant: Variant, cfg: quality.QualityConfig, acts: dict[str, torch.Tensor], scale: float) -> dict:
+def diagnose(variant: Variant, cfg: QualityConfig, acts: dict[str, torch.Tensor], scale: float) -> dict:
     train, heldout = acts["train"], acts["heldout"].float() * scale
     torch.manual_seed(0)
     sae = variant.make(train.shape[1], cfg.d_sae, cfg.k)
     probe = Probe(sae, cfg.train_tokens * cfg.epochs // cfg.batch)
-    trainer_cfg = quality.trainer_config(cfg, variant.dead_window_fraction)
+    trainer_cfg = trainer_config(cfg, variant.dead_window_fraction)
     started = time.perf_counter()
-    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=quality.batches(train, cfg.batch, scale, seed=0)).fit()
+    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches(train, cfg.batch, scale, seed=0)).fit()
     seconds = time.perf_counter() - started
     sae.eval()
     with torch.no_grad():
-        fit = quality.reconstruction(sae, heldout)
+        fit = reconstruction(sae, heldout)
         fired = torch.zeros(cfg.d_sae, dtype=torch.bool)
         for chunk in heldout.split(4096):
             code = sae.encode_routed(chunk).code
@@ -203,7 +214,7 @@ def plots(results: list[dict], stem: str) -> list[Path]:
     death.set(xlabel="training step", ylabel="dead latents (trainer's window)")
     reach.set(xlabel="training step", ylabel="fraction of dead latents with an encoder gradient", ylim=(0, 1.05))
     death.legend(fontsize=7)
-    paths.append(RESULTS / f"{stem}-experts.png")
+    paths.append(result_file(f"{stem}-experts.png"))
     figure.savefig(paths[-1], dpi=120)
 
     n_columns = min(len(results), 6)
@@ -220,7 +231,7 @@ def plots(results: list[dict], stem: str) -> list[Path]:
         ax.set(title=title, xlabel="log10 firing frequency (-6.5: never)", yscale="symlog")
     axes[0].set(ylabel="latents")
     axes[0].legend(fontsize=7)
-    paths.append(RESULTS / f"{stem}-firing.png")
+    paths.append(result_file(f"{stem}-firing.png"))
     figure.savefig(paths[-1], dpi=120)
     return paths
 
@@ -230,14 +241,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the quick budget (quality.py --quick's activations)")
     parser.add_argument("--only", nargs="*", help="run only these variant names")
     args = parser.parse_args()
-    cfg = replace(quality.QUICK if args.quick else quality.FULL, seeds=(0,))
-    acts = quality.cached_activations(cfg, quality.activation_cache(cfg))
-    scale = acts["train"].shape[1] ** 0.5 / acts["train"][:20_000].float().norm(dim=-1).mean().item()
+    cfg = replace(QUALITY_QUICK if args.quick else QUALITY_FULL, seeds=(0,))
+    acts = cached_activations(cfg, activation_cache(cfg))
+    scale = activation_scale(acts["train"])
     chosen = [v for v in VARIANTS if not args.only or v.name in args.only]
     results = [diagnose(variant, cfg, acts, scale) for variant in tqdm(chosen, desc="variants")]
     stem = "liveness-cpu-quick" if args.quick else "liveness-cpu"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"config": cfg.__dict__, "results": results}, indent=1) + "\n")
+    write_results(stem, {"config": cfg.__dict__, "results": results}, indent=1)
     plots(results, stem)
     for result in results:
         omega = "-" if result["omega"] is None else f"{sum(result['omega']) / len(result['omega']):.3f}"

@@ -23,16 +23,13 @@ model also carry massive-activation dimensions (values near 23,000 from block 11
 
 import argparse
 import itertools
-import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from sae_lens import LoggingConfig
-from sae_lens.config import SAETrainerConfig
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import SAE, SAEMetadata, TrainingSAE, TrainingSAEConfig
@@ -40,43 +37,33 @@ from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.training.sae_trainer import SAETrainer
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from sae_lens_scale import ScaleTrainingSAEConfig, SwitchTrainingSAEConfig, metrics
 from sae_lens_scale.flops import flops_matched_topk_width, routed_flops, topk_flops
-from sae_lens_scale.routed_sae import RoutedTrainingSAE, geometric_median
+from sae_lens_scale.routed_sae import RoutedTrainingSAE
 from sae_lens_scale.scale_sae import FeatureScaling
-from sae_lens_scale.tools.offline import default_cache_dir
-from sae_lens_scale.tools.sources import BUNDLED_MODEL, hook_activations, load_model, token_splits
+from sae_lens_scale.tools.sources import BUNDLED_MODEL
+from sae_lens_scale.training_guards import geometric_median
 
-RESULTS = Path(__file__).parent / "results"
-IN_DOMAIN, CROSS_DOMAIN = "shakespeare", "python-docs"
-# AuxK treats a latent as dead after 1/16 of the run without firing (51k tokens in the full run); a quarter of the
-# run let latents die en masse before AuxK started (docs/dead-latents.md).
-DEAD_WINDOW_FRACTION = 1 / 16
+from common import (
+    QUALITY_FULL,
+    QUALITY_QUICK,
+    RESULTS,
+    QualityConfig,
+    activation_cache,
+    activation_scale,
+    batches,
+    cached_activations,
+    model_and_rows,
+    reconstruction,
+    result_file,
+    trainer_config,
+    write_results,
+)
 
-
-@dataclass(frozen=True)
-class QualityConfig:
-    train_tokens: int
-    heldout_tokens: int
-    d_sae: int
-    k: int
-    seeds: tuple[int, ...]
-    ce_batches: int
-    hook: str = "blocks.6.hook_resid_post"
-    context_size: int = 128
-    batch: int = 1024
-    lr: float = 1e-3
-    n_experts_scale: int = 32
-    epochs: int = 1  # passes over the cached training tokens, in the same order each time
-
-
-QUICK = QualityConfig(train_tokens=147_456, heldout_tokens=8192, d_sae=2304, k=32, seeds=(0,), ce_batches=1)
-FULL = QualityConfig(train_tokens=819_200, heldout_tokens=16_384, d_sae=4608, k=32, seeds=(0, 1), ce_batches=2)
 # Learning curves: at what budget does Scale cross FLOPs-matched TopK? One run per SAE, four passes.
-CURVES = replace(FULL, seeds=(0,), epochs=4)
+CURVES = replace(QUALITY_FULL, seeds=(0,), epochs=4)
 CURVE_NAMES = ("Scale 32/e=2", "Switch 16", "TopK (FLOPs-matched to Scale 32/e=2)", "TopK (width-matched)")
 CURVE_POINTS_PER_PASS = 8
 HEADLINE = (
@@ -132,57 +119,6 @@ def contenders(cfg: QualityConfig, d_in: int) -> list[Contender]:
     return rows
 
 
-def model_and_rows(cfg: QualityConfig) -> tuple[Any, dict[str, Any]]:
-    """The bundled model, and the token rows of the in-domain train / held-out and cross-domain held-out splits."""
-    model, tokenizer = load_model(BUNDLED_MODEL)
-    in_domain = token_splits(tokenizer, IN_DOMAIN, cfg.context_size, 0.1, seed=0, max_tokens=cfg.train_tokens)
-    cross = token_splits(tokenizer, CROSS_DOMAIN, cfg.context_size, 0.5, seed=0, max_tokens=cfg.heldout_tokens)
-    heldout_rows = cfg.heldout_tokens // cfg.context_size
-    return model, {
-        "train": in_domain.train,
-        "heldout": in_domain.heldout.select(range(heldout_rows)),
-        "cross": cross.heldout.select(range(heldout_rows)),
-    }
-
-
-def cached_activations(cfg: QualityConfig, cache: Path) -> dict[str, torch.Tensor]:
-    """The three splits' activations, harvested once into ``cache`` (fp16) and read from there afterwards."""
-    if not cache.exists():
-        model, rows = model_and_rows(cfg)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        harvested = {
-            split: hook_activations(model, split_rows, cfg.hook, dtype=torch.float16)
-            for split, split_rows in rows.items()
-        }
-        save_file(harvested, str(cache))
-    return load_file(str(cache))
-
-
-def batches(train: torch.Tensor, batch: int, scale: float, seed: int) -> Iterator[torch.Tensor]:
-    """The one token stream every SAE sees: a fixed permutation, cycled, in float32, scaled to norm sqrt(d_in)."""
-    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
-    while True:
-        for start in range(0, len(order) - batch + 1, batch):
-            yield train[order[start : start + batch]].float() * scale
-
-
-def trainer_config(cfg: QualityConfig, dead_window_fraction: float = DEAD_WINDOW_FRACTION) -> SAETrainerConfig:
-    """The one schedule every SAE trains with: warm-up over the first 1/20 of the steps, decay to lr / 10 over the
-    last 1/5, AuxK's dead-latent window a fraction of the run."""
-    steps = cfg.train_tokens * cfg.epochs // cfg.batch
-    return SAETrainerConfig(
-        total_training_samples=steps * cfg.batch,
-        train_batch_size_samples=cfg.batch,
-        lr=cfg.lr,
-        lr_end=cfg.lr / 10,
-        lr_warm_up_steps=steps // 20,
-        lr_decay_steps=steps // 5,
-        dead_feature_window=max(1, round(steps * dead_window_fraction)),
-        feature_sampling_window=max(1, steps // 2),
-        logger=LoggingConfig(log_to_wandb=False),
-    )
-
-
 def train_sae(sae: TrainingSAE[Any], stream: Iterator[torch.Tensor], cfg: QualityConfig) -> float:
     """Train with SAELens's trainer on ``stream``; returns the seconds it took.
 
@@ -197,20 +133,6 @@ def train_sae(sae: TrainingSAE[Any], stream: Iterator[torch.Tensor], cfg: Qualit
     started = time.perf_counter()
     SAETrainer(cfg=trainer_config(cfg), sae=sae, data_provider=stream).fit()
     return time.perf_counter() - started
-
-
-@torch.no_grad()
-def reconstruction(sae: SAE[Any], acts: torch.Tensor) -> dict[str, float]:
-    """Per-token SSE and FVU (1 - explained variance) on raw activations, plus latents that never fired."""
-    acts = acts.float()
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    sse = 0.0
-    for chunk in acts.split(4096):
-        feature_acts = sae.encode(chunk)
-        fired |= (feature_acts != 0).any(0)
-        sse += (sae.decode(feature_acts) - chunk).pow(2).sum().item()
-    variance = (acts - acts.mean(0)).pow(2).sum().item()
-    return {"sse_per_token": sse / acts.shape[0], "fvu": sse / variance, "dead_latents": int((~fired).sum())}
 
 
 def ce_loss_score(sae: SAE[Any], model: Any, rows: Any, cfg: QualityConfig) -> float:
@@ -246,17 +168,13 @@ def evaluate(
     return row
 
 
-def activation_cache(cfg: QualityConfig) -> Path:
-    return default_cache_dir() / "quality" / f"{cfg.hook}-{cfg.train_tokens}-{cfg.heldout_tokens}.safetensors"
-
-
 def run(cfg: QualityConfig, cache: Path, names: set[str] | None = None) -> dict[str, Any]:
     """Train and evaluate every contender (or those in ``names``) and return the JSON-ready result."""
     acts = cached_activations(cfg, cache)
     model, datasets = model_and_rows(cfg)
     train = acts["train"]
     d_in = train.shape[1]
-    scale = d_in**0.5 / train[:20_000].float().norm(dim=-1).mean().item()  # SAELens's expected_average_only_in
+    scale = activation_scale(train)
     rows = []
     chosen = [c for c in contenders(cfg, d_in) if names is None or c.name in names]
     for contender in tqdm(chosen, desc="SAEs"):
@@ -453,7 +371,7 @@ def plots(summary: list[dict[str, Any]], stem: str) -> list[Path]:
     axes.set_xticks(ticks, [f"{tick:g}" for tick in ticks])
     axes.set_xticks([], minor=True)
     frontier.tight_layout()
-    frontier_path = RESULTS / f"{stem}-frontier.png"
+    frontier_path = result_file(f"{stem}-frontier.png")
     frontier.savefig(frontier_path, dpi=120)
 
     bars = Figure(figsize=(7, 4.5))
@@ -463,7 +381,7 @@ def plots(summary: list[dict[str, Any]], stem: str) -> list[Path]:
     axes.set(xlabel="fraction of latents with max decoder cosine > 0.9", title="Feature redundancy")
     axes.invert_yaxis()
     bars.tight_layout()
-    bars_path = RESULTS / f"{stem}-redundancy.png"
+    bars_path = result_file(f"{stem}-redundancy.png")
     bars.savefig(bars_path, dpi=120)
     return [frontier_path, bars_path]
 
@@ -496,7 +414,7 @@ def run_curves(cfg: QualityConfig, cache: Path) -> dict[str, Any]:
     acts = cached_activations(cfg, cache)
     train = acts["train"]
     d_in = train.shape[1]
-    scale = d_in**0.5 / train[:20_000].float().norm(dim=-1).mean().item()
+    scale = activation_scale(train)
     heldout = acts["heldout"].float() * scale
     interval = cfg.train_tokens // cfg.batch // CURVE_POINTS_PER_PASS
     curves = {}
@@ -551,10 +469,9 @@ def curves_report(result: dict[str, Any], stem: str) -> None:
     crossing_tokens = result["crossing"]["tokens"]
     if crossing_tokens is not None:
         fvu_axes.axvline(crossing_tokens / 1e6, color="tab:blue", linestyle=":", linewidth=0.8)
-    plot = RESULTS / f"{stem}.png"
+    plot = result_file(f"{stem}.png")
     figure.savefig(plot, dpi=120)
     result["plots"] = [str(plot.relative_to(RESULTS.parent.parent))]
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
 
     per_pass = CURVE_POINTS_PER_PASS
     header = " | ".join(f"pass {i + 1}" for i in range(result["config"]["epochs"]))
@@ -582,8 +499,9 @@ def curves_report(result: dict[str, Any], stem: str) -> None:
             else "it does not get below it and stay there within this budget."
         ),
     ]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = "\n".join(lines) + "\n"
+    write_results(stem, result, table)
+    print(table, end="")
 
 
 def main() -> None:
@@ -598,7 +516,7 @@ def main() -> None:
         result["wall_seconds"] = time.perf_counter() - started
         curves_report(result, "quality-cpu-curves")
         return
-    cfg = QUICK if args.quick else FULL
+    cfg = QUALITY_QUICK if args.quick else QUALITY_FULL
     result = run(cfg, activation_cache(cfg))
     result["wall_seconds"] = time.perf_counter() - started
     write_reports(result, "quality-cpu-quick" if args.quick else "quality-cpu")
@@ -608,11 +526,10 @@ def write_reports(result: dict[str, Any], stem: str) -> None:
     """The JSON, the Markdown table (with the claims when every SAE ran) and both plots, under ``RESULTS``."""
     summary = mean_over_seeds(result["rows"])
     result["summary"] = summary
-    RESULTS.mkdir(parents=True, exist_ok=True)
     result["plots"] = [str(path.relative_to(RESULTS.parent.parent)) for path in plots(summary, stem)]
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result, summary))
-    print(markdown(result, summary))
+    table = markdown(result, summary)
+    write_results(stem, result, table)
+    print(table)
     print(f"wall time {result['wall_seconds']:.0f} s")
 
 

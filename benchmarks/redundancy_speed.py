@@ -8,19 +8,18 @@ The metric is an exact nearest-neighbour search over all decoder rows, half a 24
 """
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 from sae_lens import TopKSAE, TopKSAEConfig
 
 from sae_lens_scale.metrics import DEFAULT_CHUNK_SIZE, FeatureRedundancy, feature_redundancy
 
+from common import write_results
+
 D_IN, D_SAE = 768, 24576
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -53,9 +52,7 @@ def main() -> None:
     print(
         f"feature_redundancy d_sae={D_SAE} d_in={D_IN} chunk={args.chunk_size}: best {min(seconds):.2f} s of {seconds}"
     )
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "redundancy-speed-cpu.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    (path,) = write_results("redundancy-speed-cpu", record)
     print(f"wrote {path}")
 
 

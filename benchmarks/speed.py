@@ -15,40 +15,29 @@ contender (CPU torch has no allocator statistics); on CUDA the allocator's own c
 
 import argparse
 import json
-import platform
-import statistics
-import subprocess
-import sys
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, replace
 from typing import Any, NamedTuple
 
 import torch
-from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import SAE, TrainingSAE, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-from sae_lens.training.sae_trainer import SAETrainer
 from tqdm import tqdm
 
 from sae_lens_scale import ScaleTrainingSAE, ScaleTrainingSAEConfig, SwitchTrainingSAE, SwitchTrainingSAEConfig
 from sae_lens_scale.flops import SaeFlops, dense_routed_flops, flops_matched_topk_width, routed_flops, topk_flops
-from sae_lens_scale.routing import expert_fractions, load_balance_loss, select_experts
+from sae_lens_scale.routing import expert_counts, load_balance_loss, select_experts
 
-RESULTS = Path(__file__).parent / "results"
-
-
-@dataclass(frozen=True)
-class Shape:
-    d_in: int
-    d_sae: int
-    k: int
-    batch: int
-    repeats: int
-    device: str = "cpu"
-    autocast: bool = False  # SAELens's bf16 autocast of the SAE's forward and backward
-
+from common import (
+    Shape,
+    floor_seconds,
+    in_fresh_process,
+    machine,
+    make_trainer,
+    median_seconds,
+    step_memory,
+    write_results,
+)
 
 FULL = Shape(d_in=768, d_sae=24576, k=32, batch=4096, repeats=3)
 QUICK = Shape(d_in=256, d_sae=8192, k=32, batch=1024, repeats=3)
@@ -67,11 +56,8 @@ class DenseScaleTrainingSAE(ScaleTrainingSAE):
         acts = torch.zeros_like(pre).scatter(1, latents, values.relu()) * routing.probs[:, expert_of_latent]
         sae_out = acts @ self.effective_W_dec() + self.b_dec
         mse = (sae_out - sae_in).pow(2).sum(-1).mean()
-        balance = (
-            cfg.load_balance_coefficient
-            * cfg.d_in
-            * load_balance_loss(routing.probs, expert_fractions(routing, cfg.n_experts))
-        )
+        counts = expert_counts(routing.experts, cfg.n_experts)
+        balance = cfg.load_balance_coefficient * cfg.d_in * load_balance_loss(routing.probs, counts / counts.sum())
         return TrainStepOutput(sae_in, sae_out, acts, pre, mse + balance, {"mse_loss": mse, "balance": balance})
 
 
@@ -106,54 +92,6 @@ def contenders(shape: Shape) -> list[Contender]:
     ]
 
 
-def make_trainer(sae: TrainingSAE[Any], shape: Shape) -> SAETrainer[Any, Any]:
-    """A trainer past its first step, so every timed step is a steady-state one (step 0 also sets the biases)."""
-    cfg = SAETrainerConfig(
-        total_training_samples=10**9,
-        train_batch_size_samples=shape.batch,
-        lr_end=3e-4,
-        device=shape.device,
-        autocast=shape.autocast,
-    )
-    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
-    trainer.n_training_steps = 1
-    return trainer
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int, device: str = "cpu") -> float:
-    fn()  # warm-up: allocator, Adam state, lazy inits
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def floor_seconds(sae: TrainingSAE[Any], repeats: int, device: str = "cpu") -> float:
-    """clip_grad_norm + Adam on the SAE's own parameters, with random gradients."""
-    params = [p for p in sae.parameters()]
-    optimizer = torch.optim.Adam(params, lr=1e-12)
-    for param in params:
-        param.grad = torch.randn_like(param)
-
-    def step() -> None:
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-
-    seconds = median_seconds(step, repeats, device)
-    for param in params:
-        param.grad = None
-    return seconds
-
-
 def inference_encode_seconds(sae: TrainingSAE[Any], batch: torch.Tensor, shape: Shape) -> float:
     """``encode`` of the exported inference SAE, SAELens's dense [batch, d_sae] contract, without grad."""
     exported = SAE.from_dict(sae.cfg.get_inference_sae_cfg_dict())
@@ -165,46 +103,12 @@ def inference_encode_seconds(sae: TrainingSAE[Any], batch: torch.Tensor, shape: 
         return median_seconds(lambda: exported.encode(batch), shape.repeats, shape.device)
 
 
-def proc_status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def step_memory(make: Callable[[], TrainingSAE[Any]], shape: Shape) -> dict[str, float]:
-    """Resting memory with params + grads + Adam state, then the peak over two steps (CPU: call in a fresh process,
-    since the peak RSS covers the whole process)."""
-    torch.manual_seed(0)
-    sae = make()
-    trainer = make_trainer(sae, shape)
-    batch = torch.randn(shape.batch, shape.d_in, device=shape.device)
-    for param in sae.parameters():
-        param.grad = torch.zeros_like(param)
-    trainer.optimizer.step()  # zero gradients: allocates Adam state, leaves the weights as they are
-    if shape.device == "cuda":
-        torch.cuda.synchronize()
-        resting = torch.cuda.memory_allocated() / 2**20
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        resting = proc_status_mb("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
-    for _ in range(2):
-        trainer.step(batch)
-    if shape.device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = proc_status_mb("VmHWM")
-    return {"resting_mb": resting, "peak_mb": peak, "step_mb": peak - resting}
-
-
 def measure_memory(name: str, shape: Shape, quick: bool) -> dict[str, float]:
     if shape.device == "cuda":
         return step_memory(next(c for c in contenders(shape) if c.name == name).make, shape)
-    command = [sys.executable, __file__, "--memory-probe", name] + (["--quick"] if quick else [])
-    command += ["--autocast"] if shape.autocast else []
-    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    flags = ["--quick"] if quick else []
+    flags += ["--autocast"] if shape.autocast else []
+    return in_fresh_process(__file__, "--memory-probe", name, *flags)
 
 
 def time_contender(contender: Contender, batch: torch.Tensor, shape: Shape, quick: bool) -> dict[str, Any]:
@@ -239,16 +143,6 @@ def benchmark(shape: Shape, quick: bool) -> dict[str, Any]:
         row["encode_speedup_vs_topk"] = row["encode_tokens_per_s"] / topk["encode_tokens_per_s"]
         row["peak_vs_topk"] = row["peak_mb"] / topk["peak_mb"]
     return {"shape": asdict(shape), "device": shape.device, "machine": machine(shape.device), "rows": rows}
-
-
-def machine(device: str) -> dict[str, Any]:
-    return {
-        "processor": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -290,9 +184,7 @@ def main() -> None:
         return
     result = benchmark(shape, args.quick)
     stem = f"speed-{args.device}" + ("-quick" if args.quick else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    write_results(stem, result, markdown(result))
     print(markdown(result))
 
 

@@ -14,7 +14,6 @@ where a step takes minutes. Memory is the peak over two steps, as in ``speed.py`
 import argparse
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,17 @@ from tqdm import tqdm
 
 from sae_lens_scale import ScaleTrainingSAE, ScaleTrainingSAEConfig, SwitchTrainingSAE, SwitchTrainingSAEConfig
 
-from speed import RESULTS, Shape, floor_seconds, machine, make_trainer, median_seconds, step_memory
+from common import (
+    Shape,
+    floor_seconds,
+    in_fresh_process,
+    machine,
+    make_trainer,
+    median_seconds,
+    result_file,
+    step_memory,
+    write_results,
+)
 
 D_IN, K = 768, 32
 BATCH = {"cpu": 1024, "cuda": 4096}  # on the CPU, TopK's dense [batch, d_sae] tensors must fit in 24 GiB at 262,144
@@ -42,12 +51,12 @@ def expert_width(d_sae: int) -> int:
 
 def maker(architecture: str, d_sae: int, shape: Shape) -> Callable[[], TrainingSAE[Any]]:
     n_experts = d_sae // expert_width(d_sae)
-    common: dict[str, Any] = {"d_in": D_IN, "d_sae": d_sae, "k": K, "device": shape.device}
+    sizes: dict[str, Any] = {"d_in": D_IN, "d_sae": d_sae, "k": K, "device": shape.device}
     if architecture == "TopK":
-        return lambda: TopKTrainingSAE(TopKTrainingSAEConfig(**common))
+        return lambda: TopKTrainingSAE(TopKTrainingSAEConfig(**sizes))
     if architecture == "Switch":
-        return lambda: SwitchTrainingSAE(SwitchTrainingSAEConfig(n_experts=n_experts, **common))
-    return lambda: ScaleTrainingSAE(ScaleTrainingSAEConfig(n_experts=n_experts, n_active_experts=2, **common))
+        return lambda: SwitchTrainingSAE(SwitchTrainingSAEConfig(n_experts=n_experts, **sizes))
+    return lambda: ScaleTrainingSAE(ScaleTrainingSAEConfig(n_experts=n_experts, n_active_experts=2, **sizes))
 
 
 def timed_steps(make: Callable[[], TrainingSAE[Any]], shape: Shape) -> tuple[float, int, float]:
@@ -82,12 +91,11 @@ def memory_in_fresh_process(architecture: str, d_sae: int, shape: Shape) -> dict
     if shape.device == "cuda":
         torch.cuda.empty_cache()
         return step_memory(maker(architecture, d_sae, shape), shape)
-    command = [sys.executable, __file__, "--memory-probe", architecture, str(d_sae)]
-    command += ["--autocast"] if shape.autocast else []
-    probe = subprocess.run(command, capture_output=True, text=True)
-    if probe.returncode != 0:  # killed for memory, say: that is a result too
-        return {"memory_probe_failed": f"exit code {probe.returncode}: {probe.stderr.strip()[-200:]}"}
-    return json.loads(probe.stdout.splitlines()[-1])
+    flags = ["--autocast"] if shape.autocast else []
+    try:
+        return in_fresh_process(__file__, "--memory-probe", architecture, str(d_sae), *flags)
+    except subprocess.CalledProcessError as error:  # killed for memory, say: that is a result too
+        return {"memory_probe_failed": f"exit code {error.returncode}: {error.stderr.strip()[-200:]}"}
 
 
 def sweep(shape: Shape, widths: list[int]) -> dict[str, Any]:
@@ -180,10 +188,8 @@ def main() -> None:
         return
     result = sweep(shape, [width for width in WIDTHS if width <= args.max_width])
     stem = f"width-sweep-{args.device}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
-    plot(result, RESULTS / f"{stem}.png")
+    write_results(stem, result, markdown(result))
+    plot(result, result_file(f"{stem}.png"))
     print(markdown(result))
 
 

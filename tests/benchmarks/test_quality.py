@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ ROW_KEYS = {
 
 
 def load_quality_module() -> Any:
+    """quality.py as ``python benchmarks/quality.py`` runs it: with its folder, and so ``common``, importable."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location("quality", BENCHMARKS / "quality.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
