@@ -5,12 +5,11 @@ import warnings
 
 import pytest
 import torch
-from sae_lens.saes.sae import TrainStepInput
 
 from sae_lens_scale import ScaleTrainingSAE, ScaleTrainingSAEConfig
 from sae_lens_scale.routing import uses_grouped_mm
 from sae_lens_scale.scale_sae import FeatureScaling
-from tests.helpers import StepAudit, dense_reference
+from tests.support.builders import StepAudit, dense_reference, perturbed, step_input
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -28,15 +27,7 @@ def cuda_sae(n_active_experts: int, feature_scaling: FeatureScaling) -> ScaleTra
         feature_scaling=feature_scaling,
         device="cuda",
     )
-    sae = ScaleTrainingSAE(cfg)
-    with torch.no_grad():
-        for parameter in sae.parameters():
-            parameter.add_(0.2 * torch.randn_like(parameter))
-    return sae
-
-
-def step(x: torch.Tensor, dead: torch.Tensor) -> TrainStepInput:
-    return TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=1, is_logging_step=False)
+    return perturbed(ScaleTrainingSAE(cfg))
 
 
 @pytest.mark.parametrize(("n_active_experts", "feature_scaling"), [(1, "none"), (2, "mean"), (8, "mean")])
@@ -44,7 +35,7 @@ def test_float32_training_pass_equals_dense_reference(n_active_experts: int, fea
     sae = cuda_sae(n_active_experts, feature_scaling)
     x = 2 * torch.randn(BATCH, D_IN, device="cuda")
     dead = torch.rand(D_SAE, device="cuda") < 0.3
-    out = sae.training_forward_pass(step(x, dead))
+    out = sae.training_forward_pass(step_input(x, dead))
     ref = dense_reference(sae, x, dead)
     torch.testing.assert_close(out.sae_out, ref["x_hat"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.losses["mse_loss"], ref["mse"], rtol=1e-4, atol=1e-4)
@@ -61,9 +52,9 @@ def test_bf16_autocast_training_pass_is_close_to_float32() -> None:
     sae = cuda_sae(2, "mean")
     x = 2 * torch.randn(BATCH, D_IN, device="cuda")
     dead = torch.zeros(D_SAE, dtype=torch.bool, device="cuda")
-    full = sae.training_forward_pass(step(x, dead))
+    full = sae.training_forward_pass(step_input(x, dead))
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        mixed = sae.training_forward_pass(step(x, dead))
+        mixed = sae.training_forward_pass(step_input(x, dead))
     assert uses_grouped_mm(torch.bfloat16, D_IN, D_SAE // N_EXPERTS)
     relative = ((mixed.sae_out.float() - full.sae_out).norm() / full.sae_out.norm()).item()
     assert relative < 2e-2
@@ -80,14 +71,14 @@ def test_a_bf16_step_synchronises_once_and_never_builds_batch_by_width() -> None
     dead = torch.zeros(D_SAE, dtype=torch.bool, device="cuda")
     dead[::3] = True
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        sae.training_forward_pass(step(x, dead)).loss.backward()  # warm-up: lazy CUDA initialisation syncs
+        sae.training_forward_pass(step_input(x, dead)).loss.backward()  # warm-up: lazy CUDA initialisation syncs
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as syncs, StepAudit() as audit:
             warnings.simplefilter("always")
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = sae.training_forward_pass(step(x, dead))
+                out = sae.training_forward_pass(step_input(x, dead))
             out.loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

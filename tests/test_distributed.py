@@ -10,25 +10,16 @@ from typing import Any, cast
 import pytest
 import torch
 from sae_lens import SAE
-from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 from safetensors.torch import load_file
 from torch.multiprocessing.spawn import ProcessRaisedException
 
-from sae_lens_scale import ScaleSAE, ScaleTrainingSAEConfig, SwitchTrainingSAEConfig
+from sae_lens_scale import ScaleSAE
 from sae_lens_scale.parallel.checkpoints import rank_checkpoint
 from sae_lens_scale.parallel.data import shard_activation_store, shard_dataset
 from sae_lens_scale.parallel.runner import rank_config
-from tests.conftest import build_token_dataset
-from tests.distributed_workers import STEPS, launch, run_runner, train_steps, train_with_trainer
-from tests.helpers import tiny_runner_config, tiny_sae_config
-
-SHAPE = {"d_in": 16, "d_sae": 64, "k": 6, "dtype": "float64"}
-CONFIGS = {
-    "scale": ScaleTrainingSAEConfig(n_experts=8, n_active_experts=2, **SHAPE),
-    "switch": SwitchTrainingSAEConfig(n_experts=8, **SHAPE),
-    # SAELens's own TopK: DDP averages its gradients too; its AuxK's dead statistics would stay per rank, so off here.
-    "topk": TopKTrainingSAEConfig(aux_loss_coefficient=0.0, **SHAPE),
-}
+from tests.support.builders import tiny_runner_config, tiny_sae_config
+from tests.support.distributed import CONFIGS, STEPS, launch, run_runner, train_steps, train_with_trainer
+from tests.support.models import build_token_dataset
 
 
 @pytest.mark.parametrize("architecture", list(CONFIGS))

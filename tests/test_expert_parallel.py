@@ -10,12 +10,14 @@ from sae_lens import SAE
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from safetensors.torch import load_file, save_file
 
-from sae_lens_scale import ScaleSAE, ScaleTrainingSAEConfig, SwitchTrainingSAEConfig
+from sae_lens_scale import ScaleSAE
 from sae_lens_scale.hub import load_sae
 from sae_lens_scale.parallel import merge_checkpoint
 from sae_lens_scale.parallel.shards import SHARDED_DIMS
 from sae_lens_scale.routed_sae import RoutedTrainingSAE
-from tests.distributed_workers import (
+from tests.support.builders import perturbed
+from tests.support.distributed import (
+    CONFIGS,
     STEPS,
     expert_parallel_init,
     expert_parallel_pass,
@@ -24,13 +26,8 @@ from tests.distributed_workers import (
     run_runner,
     train_steps,
 )
-from tests.helpers import perturbed
 
-SHAPE = {"d_in": 16, "d_sae": 64, "k": 6, "dtype": "float64"}
-CONFIGS = {
-    "scale": ScaleTrainingSAEConfig(n_experts=8, n_active_experts=2, **SHAPE),
-    "switch": SwitchTrainingSAEConfig(n_experts=8, **SHAPE),
-}
+ROUTED = {name: CONFIGS[name] for name in ("scale", "switch")}
 BATCH = 48
 
 
@@ -42,7 +39,7 @@ def whole_sae(architecture: str) -> RoutedTrainingSAE[Any]:
     return perturbed(sae, seed=1, scale=0.3)
 
 
-@pytest.mark.parametrize("architecture", list(CONFIGS))
+@pytest.mark.parametrize("architecture", list(ROUTED))
 def test_forward_losses_and_gradients_equal_one_process(architecture: str, tmp_path: Path) -> None:
     """float64: every rank's outputs for its tokens, the mean of the ranks' loss terms and every gradient (after
     the global clip to norm 1 that one process's trainer applies) match the SAE holding every expert."""
@@ -75,7 +72,7 @@ def test_forward_losses_and_gradients_equal_one_process(architecture: str, tmp_p
         torch.testing.assert_close(gathered, param.grad, rtol=1e-8, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("architecture", list(CONFIGS))
+@pytest.mark.parametrize("architecture", list(ROUTED))
 def test_two_ranks_of_experts_train_the_sae_of_one_process(architecture: str, tmp_path: Path) -> None:
     sae = whole_sae(architecture)
     generator = torch.Generator().manual_seed(3)

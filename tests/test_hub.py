@@ -1,5 +1,5 @@
 """Hub round trip for real: SAELens's unchanged ``upload_saes_to_huggingface`` and ``SAE.from_pretrained`` against a
-local Hub server (``tests/fake_hub.py``) over a real socket.
+local Hub server (``tests/support/fake_hub.py``) over a real socket.
 
 ``huggingface_hub`` reads ``HF_ENDPOINT`` (and its cache paths) when it is imported, so the client runs in a fresh
 process started with the fake hub's environment; nothing in ``huggingface_hub`` is patched. That process first works
@@ -34,8 +34,8 @@ from sae_lens_scale.hub import (
     load_sae,
     model_card,
 )
-from tests.fake_hub import FakeHub
-from tests.helpers import scale_training_sae, switch_training_sae
+from tests.support.builders import scale_training_sae, switch_training_sae
+from tests.support.fake_hub import FakeHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 D_IN, D_SAE = 16, 64

@@ -1,5 +1,5 @@
 """The routed SAE classes: the fast path against a plain dense computation of the same math
-(``tests.helpers.dense_reference``), conditional compute, host reads and allocations of a step, export and
+(``tests.support.builders.dense_reference``), conditional compute, host reads and allocations of a step, export and
 SAELens's folds, zero-norm decoder rows, and a training step that goes wrong."""
 
 import warnings
@@ -11,7 +11,7 @@ import pytest
 import torch
 from sae_lens import SAE
 from sae_lens.config import SAETrainerConfig
-from sae_lens.saes.sae import TrainingSAE, TrainStepInput
+from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
@@ -20,7 +20,8 @@ from sae_lens_scale import RoutedTrainingSAE, ScaleSAE, ScaleTrainingSAE, ScaleT
 from sae_lens_scale.flops import routed_flops
 from sae_lens_scale.routing import uses_grouped_mm
 from sae_lens_scale.training_guards import geometric_median
-from tests.helpers import StepAudit, dense_reference, scale_training_sae, switch_training_sae
+from tests.support.builders import StepAudit, dense_reference, scale_training_sae, step_input, switch_training_sae
+from tests.support.models import D_MODEL
 
 D_IN, D_SAE, N_EXPERTS, K = 12, 48, 6, 5
 BUILDERS = [scale_training_sae, switch_training_sae]
@@ -40,13 +41,6 @@ def grads_of(sae: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor
     sae.zero_grad()
     loss.backward()
     return {name: param.grad.clone() for name, param in sae.named_parameters() if param.grad is not None}
-
-
-def step_input(x: torch.Tensor, dead: torch.Tensor | None, step: int = 1, logging: bool = False) -> TrainStepInput:
-    """A training step's input; step 1 by default, so the first-step bias initialisation stays out of the way."""
-    return TrainStepInput(
-        sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=logging
-    )
 
 
 CASES = [(1, "none"), (1, "mean"), (2, "none"), (2, "mean"), (N_EXPERTS, "none"), (N_EXPERTS, "mean")]
@@ -312,7 +306,7 @@ def test_zero_norm_decoder_rows_survive_export_load_and_folds(
     torch.testing.assert_close(sae(x / 2), expected / 2, rtol=1e-10, atol=1e-10)  # x -> 2x in, halved out
 
 
-BATCH, D_MODEL = 256, 32
+BATCH = 256
 
 
 def tiny_training_sae(architecture: str, **fields: Any) -> RoutedTrainingSAE[Any]:

@@ -13,8 +13,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from sae_lens_scale import ScaleSAE, SwitchSAE
-from tests.conftest import CONTEXT
-from tests.helpers import (
+from tests.support.builders import (
     TINY_HOOK,
     make_runner,
     reconstruction_mse,
@@ -22,6 +21,7 @@ from tests.helpers import (
     tiny_runner_config,
     tiny_sae_config,
 )
+from tests.support.models import CONTEXT
 
 ARCHITECTURES = ["scale", "switch"]
 BATCH = 256  # tokens per training step: 16 prompts of CONTEXT = 16 tokens

@@ -10,7 +10,7 @@ from sae_lens.saes.sae import TrainingSAE
 
 from sae_lens_scale import ScaleSAE, ScaleTrainingSAE
 from sae_lens_scale.validation import ConfigError
-from tests.helpers import scale_training_sae
+from tests.support.builders import scale_training_sae
 
 
 def test_training_checkpoint_keeps_omega(tmp_path: Path) -> None:

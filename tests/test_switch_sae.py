@@ -5,7 +5,7 @@ import torch
 
 from sae_lens_scale import SwitchSAEConfig, SwitchTrainingSAE, SwitchTrainingSAEConfig
 from sae_lens_scale.validation import ConfigError
-from tests.helpers import scale_training_sae
+from tests.support.builders import scale_training_sae
 
 
 def test_switch_equals_scale_with_one_expert_and_no_feature_scaling() -> None:

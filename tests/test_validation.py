@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from sae_lens_scale import ScaleSAEConfig, ScaleTrainingSAEConfig, SwitchTrainingSAEConfig
 from sae_lens_scale.hub import load_sae
 from sae_lens_scale.validation import ConfigError, WeightsMismatchError
-from tests.helpers import scale_training_sae, switch_training_sae
+from tests.support.builders import scale_training_sae, switch_training_sae
 
 WEIGHTS = "sae_weights.safetensors"
 

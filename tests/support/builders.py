@@ -5,12 +5,13 @@ from typing import Any, TypeVar
 
 import torch
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from sae_lens.saes.sae import TrainStepInput
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformer_lens import HookedTransformer
 
 from sae_lens_scale import ScaleTrainingSAE, ScaleTrainingSAEConfig, SwitchTrainingSAE, SwitchTrainingSAEConfig
-from tests.conftest import CONTEXT, D_MODEL
+from tests.support.models import CONTEXT, D_MODEL
 
 aten = torch.ops.aten
 
@@ -24,8 +25,16 @@ def perturbed(sae: T_MODULE, seed: int = 0, scale: float = 0.2) -> T_MODULE:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in sae.parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator).to(parameter.dtype))
+            noise = torch.randn(parameter.shape, generator=generator)
+            parameter.add_(scale * noise.to(parameter.device, parameter.dtype))
     return sae
+
+
+def step_input(x: torch.Tensor, dead: torch.Tensor | None, step: int = 1, logging: bool = False) -> TrainStepInput:
+    """A training step's input; step 1 by default, so the first-step bias initialisation stays out of the way."""
+    return TrainStepInput(
+        sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step, is_logging_step=logging
+    )
 
 
 def scale_training_sae(seed: int = 0, **fields: Any) -> ScaleTrainingSAE:

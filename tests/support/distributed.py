@@ -17,20 +17,29 @@ import torch.distributed as dist
 from sae_lens import LoggingConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig, TrainStepInput
+from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file, save_file
 from torch.multiprocessing.spawn import start_processes
 
-from sae_lens_scale import RoutedTrainingSAE
+from sae_lens_scale import RoutedTrainingSAE, ScaleTrainingSAEConfig, SwitchTrainingSAEConfig
 from sae_lens_scale.parallel import DistributedSAETrainingRunner, expert_parallel_sae, replicate_training_pass
 from sae_lens_scale.parallel.checkpoints import gathered_state_dict
 from sae_lens_scale.parallel.experts import ExpertShard, ShardedExperts
 from sae_lens_scale.parallel.process_group import join_process_group
 from sae_lens_scale.parallel.shards import SHARDED_DIMS
-from tests.conftest import CONTEXT, build_tiny_model, build_token_dataset
-from tests.helpers import tiny_runner_config, tiny_sae_config
+from tests.support.builders import tiny_runner_config, tiny_sae_config
+from tests.support.models import CONTEXT, build_tiny_model, build_token_dataset
 
 STEPS = 5
+# The SAEs the multi-process tests compare with one process, in float64.
+SHAPE = {"d_in": 16, "d_sae": 64, "k": 6, "dtype": "float64"}
+CONFIGS = {
+    "scale": ScaleTrainingSAEConfig(n_experts=8, n_active_experts=2, **SHAPE),
+    "switch": SwitchTrainingSAEConfig(n_experts=8, **SHAPE),
+    # SAELens's own TopK: DDP averages its gradients too; its AuxK's dead statistics would stay per rank, so off here.
+    "topk": TopKTrainingSAEConfig(aux_loss_coefficient=0.0, **SHAPE),
+}
 
 
 def free_port() -> int:
