@@ -17,6 +17,7 @@ from sae_lens.registry import (
 from sae_lens_scale.routed_sae import RoutedSAE, RoutedSAEConfig, RoutedTrainingSAE, RoutedTrainingSAEConfig
 from sae_lens_scale.scale_sae import ScaleSAE, ScaleSAEConfig, ScaleTrainingSAE, ScaleTrainingSAEConfig
 from sae_lens_scale.switch_sae import SwitchSAE, SwitchSAEConfig, SwitchTrainingSAE, SwitchTrainingSAEConfig
+from sae_lens_scale.training_runner import OptimizedSAETrainingRunner
 
 __version__ = "0.3.0"
 
@@ -68,6 +69,7 @@ register()
 __all__ = [
     "ARCHITECTURES",
     "ArchitectureConflictError",
+    "OptimizedSAETrainingRunner",
     "RoutedSAE",
     "RoutedSAEConfig",
     "RoutedTrainingSAE",

@@ -77,7 +77,7 @@ class BatchStatistics(NamedTuple):
     """What a training step's losses need from the whole batch, every part of it (``BatchParts``)."""
 
     expert_fractions: Tensor  # [n_experts] share of the batch's (token, slot) assignments per expert
-    dead: Tensor | None  # [d_sae] dead by the trainer's count on every replica; None without its mask
+    dead: Tensor | None  # [d_sae] dead by the trainer's count on every part of the batch; None without its mask
     # read on the host, in one copy:
     loss_is_finite: bool
     n_dead: int
@@ -278,7 +278,8 @@ class RoutedTrainingSAEConfig(RoutedSAEConfig, TrainingSAEConfig):
         bias_init: how ``b_dec`` and ``b_router`` are set from data, once in the SAE's life, from the first batch the
             trainer hands over: "geometric_median" (as both papers' trainers), "mean", or "none" to keep them at zero.
             Both biases centre the input; at zero, the router and the encoder see the activations' large mean
-            direction. A loaded or resumed SAE keeps its biases (the ``bias_init_done`` flag is saved with it).
+            direction. The first training step settles the biases, whatever the choice, and sets the saved
+            ``bias_init_done`` flag: a trained, loaded or resumed SAE keeps its biases.
         decoder_init_norm: SAELens's initial decoder row norm; the encoder starts as the decoder's transpose, so
             this is the initial norm of every encoder column (None: Kaiming's, about 1.4). The decode normalises the
             rows, so here it only sets the encoder's scale: 1 gives unit-scale pre-activations for inputs of norm
@@ -352,7 +353,7 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
     @override
     def initialize_weights(self) -> None:
         super().initialize_weights()
-        # 1 once b_dec and b_router were set from data: saved, so a loaded or resumed SAE never sets them again.
+        # 1 once the first training step settled b_dec and b_router: saved, so a loaded or resumed SAE keeps them.
         self.register_buffer("bias_init_done", torch.zeros((), dtype=self.dtype, device=self.device))
 
     @override
@@ -412,7 +413,7 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         The step reads the device once (``_batch_statistics``). SAELens's trainer has no hook that sees data before
         training, so its first step (``n_training_steps == 0``) sets the biases from data if they never were.
         """
-        if step_input.n_training_steps == 0 and self.cfg.bias_init != "none" and not self.bias_init_done:
+        if step_input.n_training_steps == 0 and not self.bias_init_done:
             self.initialize_biases_from_data(step_input.sae_in)
         encoding = self.encode_routed(step_input.sae_in)
         feature_acts = self.hook_sae_acts_post(sparse_acts(encoding.code, self.cfg.d_sae))
@@ -462,13 +463,12 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
 
     @torch.no_grad()
     def initialize_biases_from_data(self, sae_in: Tensor) -> None:
-        """Set ``b_dec`` and ``b_router`` to the ``bias_init`` centre of a batch ``[..., d_in]`` (every part of it),
-        and mark them set. A batch that is not finite sets nothing: the step's guard then names it."""
+        """Set ``b_dec`` and ``b_router`` to the ``bias_init`` centre of a batch ``[..., d_in]`` (every part of it; a
+        collective), and mark the biases settled; ``bias_init="none"`` keeps them and only marks them. A batch that
+        is not finite changes nothing: the step's guard then names it."""
         if self.cfg.bias_init == "none":
-            raise ValueError(
-                "initialize_biases_from_data: this SAE's config has bias_init='none'; set bias_init to "
-                "'geometric_median' or 'mean' to choose how its biases are computed from data."
-            )
+            self.bias_init_done.fill_(1)
+            return
         whole = self.batch_parts.concat(sae_in.reshape(-1, self.cfg.d_in).contiguous())
         centre = batch_centre(whole, self.cfg.bias_init)
         finite = torch.isfinite(centre).all()
@@ -483,7 +483,7 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         metrics: dict[str, Any] = {
             "routing/expert_usage_entropy": normalized_entropy(fractions),
             "routing/max_expert_fraction": fractions.max(),
-            "routing/max_expert_token_share": fractions.max() * self.cfg.n_active_experts,
+            "routing/max_expert_token_share": stats.max_expert_token_share,
             "routing/load_balance": load_balance_loss(encoding.routing.probs, fractions),
             **self.collapse_monitor.metrics(),
         }
@@ -497,7 +497,7 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         """Fold Feature Scaling into W_enc and the decoder norms into W_dec; drop training-only tensors."""
         self.require_every_expert("an inference folder")
         super().process_state_dict_for_saving_inference(state_dict)
-        del state_dict["bias_init_done"]
+        state_dict.pop("bias_init_done", None)
         omega = state_dict.pop("omega", None)
         if omega is not None:
             state_dict["W_enc"] = feature_scaled_encoder(state_dict["W_enc"], omega).contiguous()

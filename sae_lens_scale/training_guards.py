@@ -19,7 +19,7 @@ class BatchParts(Protocol):
     """The parts one training batch is split over, and the two collectives the step needs across them."""
 
     def sum(self, values: Tensor) -> Tensor:
-        """``values`` added up over the parts (a new tensor; ``values`` may be changed)."""
+        """``values`` added up over the parts; may sum into ``values`` itself and return it."""
         ...
 
     def concat(self, rows: Tensor) -> Tensor:
@@ -73,11 +73,20 @@ def non_finite_step_error(
     parts: BatchParts,
 ) -> FloatingPointError:
     """Name the step, the part of the batch at fault and the culprit: bad input activations (the usual case) or an
-    overflow inside the SAE. Every part takes part: each one learnt from the step's statistics that some part failed.
+    overflow inside the SAE. A collective over the parts: every part calls it, since the step's statistics told each
+    one that some part failed.
     """
     finite_rows = torch.isfinite(sae_in).flatten(1).all(dim=1)
     loss_finite = torch.isfinite(torch.stack(list(losses.values()))).all()
-    own = [sae_in.isnan().sum(), sae_in.isinf().sum(), (~finite_rows).sum(), ~loss_finite, sae_in.abs().max()]
+    bad_weights = [name for name, param in parameters if not torch.isfinite(param).all()]
+    own = [
+        sae_in.isnan().sum(),
+        sae_in.isinf().sum(),
+        (~finite_rows).sum(),
+        ~loss_finite,
+        sae_in.abs().max(),
+        sae_in.new_tensor(len(bad_weights)),
+    ]
     report = parts.concat(torch.stack([value.double() for value in own]).view(1, -1)).tolist()
     n_rows = sae_in.shape[0]
     header = f"Training step {step} (0-based trainer.n_training_steps)"
@@ -87,7 +96,7 @@ def non_finite_step_error(
     )
     bad_inputs = [
         f"{int(n_nan)} NaN and {int(n_inf)} inf values, in {int(bad_rows)} of {parts.owner(part)} {n_rows} rows"
-        for part, (n_nan, n_inf, bad_rows, _, _) in enumerate(report)
+        for part, (n_nan, n_inf, bad_rows, *_) in enumerate(report)
         if n_nan or n_inf
     ]
     if bad_inputs:
@@ -100,8 +109,10 @@ def non_finite_step_error(
     if len(report) > 1:
         values += "; not finite for " + ", ".join(parts.owner(part) for part, row in enumerate(report) if row[3])
         values += " rows"
-    bad_weights = [name for name, param in parameters if not torch.isfinite(param).all()]
     weights = f"non-finite parameters: {bad_weights}" if bad_weights else "all parameters are finite"
+    holders = [parts.owner(part) for part, row in enumerate(report) if row[5]]
+    if len(report) > 1 and holders:
+        weights = f"non-finite parameters in {', '.join(holders)} share (here: {bad_weights or 'none'})"
     largest = max(row[4] for row in report)
     return FloatingPointError(
         f"{header}: the loss is not finite ({values}) although the input activations are finite "

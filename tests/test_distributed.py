@@ -14,27 +14,38 @@ from safetensors.torch import load_file
 from torch.multiprocessing.spawn import ProcessRaisedException
 
 from sae_lens_scale import ScaleSAE
+from sae_lens_scale.optimizers import OPTIMIZERS, OptimizerName
 from sae_lens_scale.parallel.checkpoints import rank_checkpoint
 from sae_lens_scale.parallel.data import shard_activation_store, shard_dataset
 from sae_lens_scale.parallel.runner import rank_config
 from tests.support.builders import tiny_runner_config, tiny_sae_config
-from tests.support.distributed import CONFIGS, STEPS, launch, run_runner, train_steps, train_with_trainer
+from tests.support.distributed import (
+    CONFIGS,
+    STEPS,
+    launch,
+    non_finite_on_one_rank,
+    run_runner,
+    train_steps,
+    train_with_trainer,
+)
 from tests.support.models import build_token_dataset
 
 
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("architecture", list(CONFIGS))
 def test_two_ranks_with_half_batches_train_the_sae_of_one_process_with_whole_batches(
-    architecture: str, tmp_path: Path
+    architecture: str, optimizer: OptimizerName, tmp_path: Path
 ) -> None:
     """float64, 5 steps: first-batch biases, AuxK with the trainer's dead latents (window 1), load balancing,
-    clipping and Adam all see the whole batch."""
+    clipping and each optimizer all see the whole batch."""
     config = CONFIGS[architecture].to_dict()
     generator = torch.Generator().manual_seed(0)
     batches = torch.randn(STEPS, 64, 16, dtype=torch.float64, generator=generator) + torch.linspace(-2, 2, 16)
     torch.save(batches, tmp_path / "batches.pt")
-    whole = train_steps(config, batches, rank=0, world_size=1)
+    whole = train_steps(config, batches, rank=0, world_size=1, optimizer=optimizer)
 
-    launch(train_with_trainer, 2, config, str(tmp_path / "batches.pt"), str(tmp_path / "rank0.safetensors"))
+    out = str(tmp_path / "rank0.safetensors")
+    launch(train_with_trainer, 2, config, str(tmp_path / "batches.pt"), out, optimizer)
     replicated = load_file(tmp_path / "rank0.safetensors")
     assert replicated.keys() == whole.state_dict().keys()
     for name, tensor in whole.state_dict().items():
@@ -42,6 +53,14 @@ def test_two_ranks_with_half_batches_train_the_sae_of_one_process_with_whole_bat
     torch.manual_seed(0)
     untrained = type(whole)(whole.cfg).state_dict()  # the same seeded initialisation, before training
     assert not torch.allclose(untrained["W_dec"], whole.state_dict()["W_dec"])
+
+
+def test_every_rank_names_the_rank_whose_activations_were_not_finite(tmp_path: Path) -> None:
+    launch(non_finite_on_one_rank, 2, CONFIGS["scale"].to_dict(), str(tmp_path / "error"))
+    for rank in range(2):
+        message = (tmp_path / f"error.rank{rank}").read_text()
+        assert "the input activations contain 1 NaN and 0 inf values, in 1 of rank 1's 32 rows" in message, message
+        assert "rank 0's" not in message and "although the input activations are finite" not in message
 
 
 def test_the_runner_on_two_ranks_writes_one_sae_lens_folder(tmp_path: Path) -> None:
@@ -80,12 +99,14 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path: Path) -> None:
 
 def test_each_rank_gets_its_own_share_of_tokens_and_rank_0_alone_writes() -> None:
     cfg = tiny_runner_config(tiny_sae_config("scale"), Path("out"), training_tokens=4 * 256 * 3)
-    shares = [rank_config(cfg, rank, 3, False) for rank in range(3)]
+    shares = [rank_config(cfg, rank, 3, expert_parallel=False) for rank in range(3)]
     assert [share.training_tokens for share in shares] == [1024, 1024, 1024]
     assert shares[0].output_path == cfg.output_path and shares[0].checkpoint_path == cfg.checkpoint_path
     assert all(share.output_path is None and share.checkpoint_path is None for share in shares[1:])
     with pytest.raises(ValueError, match=r"training_tokens=1000 is not a whole number of global batches"):
-        rank_config(tiny_runner_config(tiny_sae_config("scale"), Path("out"), training_tokens=1000), 0, 2, False)
+        rank_config(
+            tiny_runner_config(tiny_sae_config("scale"), Path("out"), training_tokens=1000), 0, 2, expert_parallel=False
+        )
 
     rows: list[Any] = []
     for rank in range(3):
@@ -98,7 +119,7 @@ def test_each_rank_builds_its_sae_on_its_own_device() -> None:
     so each rank's share must build it on that rank's device, not on the SAE config's default."""
     cfg = tiny_runner_config(tiny_sae_config("scale", device="meta"), Path("out"), training_tokens=4 * 256 * 2)
     assert cfg.sae.device == "meta" and cfg.device == "cpu"
-    assert [rank_config(cfg, rank, 2, False).sae.device for rank in range(2)] == ["cpu", "cpu"]
+    assert [rank_config(cfg, rank, 2, expert_parallel=False).sae.device for rank in range(2)] == ["cpu", "cpu"]
 
 
 def test_a_stream_of_one_file_is_split_between_the_ranks_by_example() -> None:
@@ -115,10 +136,10 @@ def test_the_learning_rate_schedule_must_fit_the_steps_each_rank_takes() -> None
     """3 ranks x 256 tokens x 4 steps: a schedule counted in one device's 12 steps is refused, with the fix."""
     sae_cfg = tiny_sae_config("scale")
     fitting = tiny_runner_config(sae_cfg, Path("out"), training_tokens=3 * 256 * 4, lr_decay_steps=3)
-    assert rank_config(fitting, 0, 3, False).lr_decay_steps == 3
+    assert rank_config(fitting, 0, 3, expert_parallel=False).lr_decay_steps == 3
     too_long = tiny_runner_config(sae_cfg, Path("out"), training_tokens=3 * 256 * 4, lr_decay_steps=10)
     with pytest.raises(ValueError, match=r"lr_warm_up_steps=0 \+ lr_decay_steps=10 exceed the run's 4 steps"):
-        rank_config(too_long, 0, 3, False)
+        rank_config(too_long, 0, 3, expert_parallel=False)
 
 
 def test_cached_activations_are_sharded_like_tokens() -> None:

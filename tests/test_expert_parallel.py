@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_lens_scale import ScaleSAE
 from sae_lens_scale.hub import load_sae
+from sae_lens_scale.optimizers import OptimizerName
 from sae_lens_scale.parallel import merge_checkpoint
 from sae_lens_scale.parallel.shards import SHARDED_DIMS
 from sae_lens_scale.routed_sae import RoutedTrainingSAE
@@ -72,8 +73,13 @@ def test_forward_losses_and_gradients_equal_one_process(architecture: str, tmp_p
         torch.testing.assert_close(gathered, param.grad, rtol=1e-8, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("architecture", list(ROUTED))
-def test_two_ranks_of_experts_train_the_sae_of_one_process(architecture: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("architecture", "optimizer"), [("scale", "adam"), ("switch", "adam"), ("scale", "adam_fused")]
+)
+def test_two_ranks_of_experts_train_the_sae_of_one_process(
+    architecture: str, optimizer: OptimizerName, tmp_path: Path
+) -> None:
+    """Each owner steps its own experts' rows and moments, with either optimizer."""
     sae = whole_sae(architecture)
     generator = torch.Generator().manual_seed(3)
     batches = torch.randn(STEPS, BATCH, 16, dtype=torch.float64, generator=generator) + torch.linspace(-2, 2, 16)
@@ -81,9 +87,10 @@ def test_two_ranks_of_experts_train_the_sae_of_one_process(architecture: str, tm
     save_file(inputs, str(tmp_path / "inputs.safetensors"))
     config = CONFIGS[architecture].to_dict()
 
-    launch(expert_parallel_training, 2, config, str(tmp_path / "inputs.safetensors"), str(tmp_path / "trained"))
-    sharded = load_file(tmp_path / "trained")
-    whole = train_steps(config, batches, rank=0, world_size=1, initial_state=sae.state_dict())
+    inputs_path, out = str(tmp_path / "inputs.safetensors"), str(tmp_path / "trained")
+    launch(expert_parallel_training, 2, config, inputs_path, out, optimizer)
+    sharded = load_file(out)
+    whole = train_steps(config, batches, rank=0, world_size=1, initial_state=sae.state_dict(), optimizer=optimizer)
     assert sharded.keys() == whole.state_dict().keys()
     for name, tensor in whole.state_dict().items():
         torch.testing.assert_close(sharded[name], tensor, rtol=1e-8, atol=1e-10, msg=name)

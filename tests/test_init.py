@@ -109,7 +109,7 @@ def test_the_engine_imports_only_torch() -> None:
 
 def test_the_single_device_sae_knows_nothing_of_the_parallel_package() -> None:
     """Distribution wraps the SAE: no module outside ``parallel/`` imports it, names it, or speaks of ranks."""
-    mention = re.compile(r"\bparallel\b|\brank", re.IGNORECASE)
+    mention = re.compile(r"\bparallel\b|\brank|replica", re.IGNORECASE)
     core = sorted(PACKAGE.glob("*.py"))
     assert len(core) >= 9
     assert not [path.name for path in core if mention.search(path.read_text())]

@@ -11,12 +11,17 @@ over the ranks, every token's assignments sent to their experts' owners. Both ru
 
 from sae_lens_scale.parallel.checkpoints import merge_checkpoint
 from sae_lens_scale.parallel.data import replicate_training_pass
+from sae_lens_scale.parallel.experts import ExpertShard, ShardedExperts
+from sae_lens_scale.parallel.process_group import ReplicaParts
 from sae_lens_scale.parallel.runner import DataParallelRankError, DistributedSAETrainingRunner
 from sae_lens_scale.parallel.shards import expert_parallel_sae
 
 __all__ = [
     "DataParallelRankError",
     "DistributedSAETrainingRunner",
+    "ExpertShard",
+    "ReplicaParts",
+    "ShardedExperts",
     "expert_parallel_sae",
     "merge_checkpoint",
     "replicate_training_pass",

@@ -7,43 +7,17 @@ over the ranks (``ReplicaParts``), so N ranks with batch B / N train the SAE one
 
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from datasets.distributed import split_dataset_by_node
 from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
 from sae_lens.training.activations_store import ActivationsStore
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sae_lens_scale.parallel.experts import ShardedExperts
+from sae_lens_scale.parallel.process_group import ReplicaParts, world_group
 from sae_lens_scale.routed_sae import RoutedTrainingSAE
-
-
-class ReplicaParts:
-    """A training batch split over the ranks of a process group, one part per rank (``BatchParts``)."""
-
-    def __init__(self, group: dist.ProcessGroup) -> None:
-        self.group = group
-
-    def sum(self, values: Tensor) -> Tensor:
-        dist.all_reduce(values, group=self.group)
-        return values
-
-    def concat(self, rows: Tensor) -> Tensor:
-        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(parts, rows.contiguous(), group=self.group)
-        return torch.cat(parts)
-
-    def owner(self, part: int) -> str:
-        return f"rank {part}'s"
-
-
-def world_group() -> dist.ProcessGroup:
-    group = dist.group.WORLD
-    if group is None:
-        raise RuntimeError("No torch.distributed process group is initialised: start the run with torchrun.")
-    return group
 
 
 class _TrainingPass(nn.Module):
@@ -68,11 +42,19 @@ def replicate_training_pass(sae: TrainingSAE[Any]) -> None:
     ones also sum their batch statistics over the ranks. ``DistributedSAETrainingRunner`` calls it; call it yourself
     only to drive SAELens's ``SAETrainer`` under torchrun without the runner.
     """
+    if isinstance(getattr(sae, "experts", None), ShardedExperts):
+        raise ValueError(
+            "replicate_training_pass got an SAE that holds only this rank's experts: replicas would all take rank "
+            "0's experts. Train it with DistributedSAETrainingRunner(cfg, expert_parallel=True), which keeps each "
+            "rank's experts its own."
+        )
     device = next(sae.parameters()).device
     device_ids = [device] if device.type == "cuda" else None
-    replica = DistributedDataParallel(_TrainingPass(sae), device_ids=device_ids)
+    routed = isinstance(sae, RoutedTrainingSAE)
+    # A routed SAE's one buffer (bias_init_done) is set alike on every rank, so it needs no broadcast each step.
+    replica = DistributedDataParallel(_TrainingPass(sae), device_ids=device_ids, broadcast_buffers=not routed)
     sae.training_forward_pass = replica.__call__  # type: ignore[method-assign]
-    if isinstance(sae, RoutedTrainingSAE):
+    if routed:
         sae.batch_parts = ReplicaParts(world_group())
 
 

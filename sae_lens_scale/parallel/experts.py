@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sae_lens_scale.parallel.data import world_group
+from sae_lens_scale.parallel.process_group import world_group
 from sae_lens_scale.routing import Routing, SparseCode, group_by_expert, routed_matmul, routed_preactivations
 from sae_lens_scale.validation import ConfigError
 
@@ -177,7 +177,7 @@ class ShardedExperts:
         return remote_candidates(centered, dispatch, W_enc, b_enc, omega), ShardedRoute(routing, dispatch)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ShardedRoute:
     """How one batch's assignments reached their owners: a decode sends the activations the same way."""
 

@@ -1,10 +1,11 @@
-"""Joining torchrun's process group, and each rank's device."""
+"""Joining torchrun's process group, each rank's device, and a training batch split over the ranks."""
 
 import os
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -42,3 +43,29 @@ def rank_device(device: str) -> str:
         )
     torch.cuda.set_device(local_rank)
     return f"cuda:{local_rank}"
+
+
+class ReplicaParts:
+    """A training batch split over the ranks of a process group, one part per rank (``BatchParts``)."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+
+    def sum(self, values: Tensor) -> Tensor:
+        dist.all_reduce(values, group=self.group)
+        return values
+
+    def concat(self, rows: Tensor) -> Tensor:
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, rows.contiguous(), group=self.group)
+        return torch.cat(parts)
+
+    def owner(self, part: int) -> str:
+        return f"rank {part}'s"
+
+
+def world_group() -> dist.ProcessGroup:
+    group = dist.group.WORLD
+    if group is None:
+        raise RuntimeError("No torch.distributed process group is initialised: start the run with torchrun.")
+    return group

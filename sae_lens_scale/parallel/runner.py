@@ -20,21 +20,23 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from transformer_lens.hook_points import HookedRootModule
 
+from sae_lens_scale.optimizers import OptimizerName
 from sae_lens_scale.parallel.checkpoints import gathered_state_dict, rank_checkpoint
 from sae_lens_scale.parallel.data import replicate_training_pass, shard_activation_store
 from sae_lens_scale.parallel.experts import ShardedExperts
 from sae_lens_scale.parallel.process_group import DEFAULT_TIMEOUT, join_process_group, rank_device
 from sae_lens_scale.parallel.shards import expert_parallel_sae
+from sae_lens_scale.training_runner import OptimizedSAETrainingRunner
 
 
 def rank_config(
-    cfg: LanguageModelSAERunnerConfig[Any], rank: int, world_size: int, expert_parallel: bool
+    cfg: LanguageModelSAERunnerConfig[Any], rank: int, world_size: int, *, expert_parallel: bool
 ) -> LanguageModelSAERunnerConfig[Any]:
     """This rank's share of the run: its device and its part of ``training_tokens``. Logging on rank 0 only; with
     data parallelism outputs on rank 0 only, with expert parallelism checkpoints per rank."""
@@ -80,14 +82,16 @@ def rank_config(
 
 
 class DataParallelRankError(RuntimeError):
-    """One rank of a data-parallel run failed; the message names the rank and its error, which is chained."""
+    """One rank of a torchrun job (data or expert parallel) failed; the message names the rank and its error, which
+    is chained."""
 
 
-class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
+class DistributedSAETrainingRunner(OptimizedSAETrainingRunner):
     """SAELens's ``LanguageModelSAETrainingRunner`` as one rank of a torchrun job; start one per device (module
-    docstring). Same arguments, plus ``timeout`` for every collective and ``expert_parallel``: split the routed SAE's
-    experts over the ranks, each holding ``n_experts / world_size`` of them and their optimizer state, so the SAE can
-    be wider than one device holds. The runner then builds the SAE itself (``expert_parallel_sae``)."""
+    docstring). Same arguments and ``optimizer`` choice as ``OptimizedSAETrainingRunner``, plus ``timeout`` for every
+    collective and ``expert_parallel``: split the routed SAE's experts over the ranks, each holding
+    ``n_experts / world_size`` of them and their optimizer state, so the SAE can be wider than one device holds. The
+    runner then builds the SAE itself (``expert_parallel_sae``)."""
 
     def __init__(
         self,
@@ -97,6 +101,7 @@ class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
         override_sae: TrainingSAE[Any] | None = None,
         timeout: timedelta = DEFAULT_TIMEOUT,
         expert_parallel: bool = False,
+        optimizer: OptimizerName = "adam",
     ) -> None:
         if expert_parallel and (override_sae is not None or cfg.from_pretrained_path is not None):
             given = "override_sae" if override_sae is not None else "LanguageModelSAERunnerConfig.from_pretrained_path"
@@ -116,11 +121,15 @@ class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
             shared = [cfg.checkpoint_path]
             dist.broadcast_object_list(shared, src=0)
             cfg.checkpoint_path = shared[0]
-        cfg = rank_config(cfg, self.rank, self.world_size, expert_parallel)
+        cfg = rank_config(cfg, self.rank, self.world_size, expert_parallel=expert_parallel)
         if expert_parallel:
             override_sae = expert_parallel_sae(TrainingSAEConfig.from_dict(cfg.get_training_sae_cfg_dict()))
         super().__init__(
-            cfg, override_dataset=override_dataset, override_model=override_model, override_sae=override_sae
+            cfg,
+            override_dataset=override_dataset,
+            override_model=override_model,
+            override_sae=override_sae,
+            optimizer=optimizer,
         )
         shard_activation_store(self.activations_store, self.rank, self.world_size)
 

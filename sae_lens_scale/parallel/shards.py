@@ -15,8 +15,8 @@ from sae_lens.saes.sae import TrainingSAEConfig
 from torch import Tensor, nn
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from sae_lens_scale.parallel.data import ReplicaParts
 from sae_lens_scale.parallel.experts import ExpertShard, ShardedExperts, local_shard
+from sae_lens_scale.parallel.process_group import ReplicaParts
 from sae_lens_scale.routed_sae import RoutedTrainingSAE, RoutedTrainingSAEConfig, init_router
 from sae_lens_scale.validation import ConfigError
 
@@ -42,7 +42,10 @@ def expert_parallel_sae(cfg: TrainingSAEConfig) -> RoutedTrainingSAE[Any]:
     shard = local_shard(cfg.n_experts)
     sae_class, _ = get_sae_training_class(cfg.architecture())
     sae = sae_class(replace(cfg, device="meta"))
-    assert isinstance(sae, RoutedTrainingSAE)
+    if not isinstance(sae, RoutedTrainingSAE):
+        raise TypeError(
+            f"SAELens registers {type(sae).__name__} for {cfg.architecture()!r}: not a routed training SAE."
+        )
     device = torch.device(cfg.device)
     sae.cfg, sae.device = cfg, device
     W_dec = init_expert_shard(shard, cfg.d_sae // cfg.n_experts, cfg.d_in, cfg.decoder_init_norm, sae.dtype, device)
@@ -53,7 +56,7 @@ def expert_parallel_sae(cfg: TrainingSAEConfig) -> RoutedTrainingSAE[Any]:
         shape = list(meta.shape)
         if name in SHARDED_DIMS:
             shape[SHARDED_DIMS[name]] //= shard.world_size
-        value = drawn.get(name, torch.zeros(shape, dtype=meta.dtype, device=device))
+        value = drawn[name] if name in drawn else torch.zeros(shape, dtype=meta.dtype, device=device)
         setattr(sae, name, nn.Parameter(value) if isinstance(meta, nn.Parameter) else value)
     sae.experts = ShardedExperts(shard)
     sae.batch_parts = ReplicaParts(shard.group)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.multiprocessing.spawn import start_processes
 
 from sae_lens_scale import RoutedTrainingSAE, ScaleTrainingSAEConfig, SwitchTrainingSAEConfig
+from sae_lens_scale.optimizers import OptimizerName, use_optimizer
 from sae_lens_scale.parallel import DistributedSAETrainingRunner, expert_parallel_sae, replicate_training_pass
 from sae_lens_scale.parallel.checkpoints import gathered_state_dict
 from sae_lens_scale.parallel.experts import ExpertShard, ShardedExperts
@@ -93,11 +94,17 @@ def process_group(rank: int, world_size: int, port: int) -> Iterator[None]:
 
 
 def train_with_trainer(
-    rank: int, world_size: int, port: int, config: dict[str, Any], batches_path: str, out_path: str
+    rank: int,
+    world_size: int,
+    port: int,
+    config: dict[str, Any],
+    batches_path: str,
+    out_path: str,
+    optimizer: OptimizerName = "adam",
 ) -> None:
     """STEPS of SAELens's trainer on this rank's contiguous part of each global batch, with the pass replicated."""
     with process_group(rank, world_size, port):
-        sae = train_steps(config, torch.load(batches_path), rank, world_size)
+        sae = train_steps(config, torch.load(batches_path), rank, world_size, optimizer=optimizer)
         if rank == 0:
             save_file({name: tensor.contiguous() for name, tensor in sae.state_dict().items()}, out_path)
 
@@ -108,6 +115,7 @@ def train_steps(
     rank: int,
     world_size: int,
     initial_state: dict[str, torch.Tensor] | None = None,
+    optimizer: OptimizerName = "adam",
 ) -> TrainingSAE[Any]:
     """The training the parallel tests compare: one process (world_size 1) or one data-parallel rank of several."""
     torch.manual_seed(0)
@@ -117,9 +125,25 @@ def train_steps(
     per_rank = batches.shape[1] // world_size
     stream = iter(batches[:, rank * per_rank : (rank + 1) * per_rank])
     trainer = SAETrainer(cfg=trainer_config(per_rank), sae=sae, data_provider=stream)
+    use_optimizer(trainer, optimizer)
     if world_size > 1:
         replicate_training_pass(sae)
     return trainer.fit()
+
+
+def non_finite_on_one_rank(rank: int, world_size: int, port: int, config: dict[str, Any], out_path: str) -> None:
+    """One data-parallel step where only rank 1's batch holds a NaN: every rank's step fails; each writes why."""
+    with process_group(rank, world_size, port):
+        torch.manual_seed(0)
+        sae = TrainingSAE.from_dict(TrainingSAEConfig.from_dict(config).to_dict())
+        replicate_training_pass(sae)
+        x = torch.randn(32, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+        if rank == 1:
+            x[3, 2] = float("nan")
+        try:
+            sae.training_forward_pass(TrainStepInput(x, {}, None, n_training_steps=1, is_logging_step=False))
+        except FloatingPointError as error:
+            Path(f"{out_path}.rank{rank}").write_text(str(error))
 
 
 def run_runner(
@@ -196,7 +220,13 @@ def expert_parallel_pass(
 
 
 def expert_parallel_training(
-    rank: int, world_size: int, port: int, config: dict[str, Any], inputs_path: str, out_path: str
+    rank: int,
+    world_size: int,
+    port: int,
+    config: dict[str, Any],
+    inputs_path: str,
+    out_path: str,
+    optimizer: OptimizerName = "adam",
 ) -> None:
     """STEPS of SAELens's trainer with this rank's experts, then the whole SAE gathered on rank 0."""
     with process_group(rank, world_size, port):
@@ -209,6 +239,7 @@ def expert_parallel_training(
             sae=sae,
             data_provider=iter(batches[:, rank * per_rank : (rank + 1) * per_rank]),
         )
+        use_optimizer(trainer, optimizer)
         trainer.fit()
         full = gathered_state_dict(sae.state_dict(), shard_held(sae))
         if full is not None:
