@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from sae_lens_scale import ScaleTrainingSAE, ScaleTrainingSAEConfig, SwitchTrainingSAE, SwitchTrainingSAEConfig
 from sae_lens_scale.flops import SaeFlops, dense_routed_flops, flops_matched_topk_width, routed_flops, topk_flops
+from sae_lens_scale.optimizers import OPTIMIZERS, OptimizerName
 from sae_lens_scale.routing import expert_counts, load_balance_loss, select_experts
 
 from common import (
@@ -65,6 +66,11 @@ class Contender(NamedTuple):
     name: str
     make: Callable[[], TrainingSAE[Any]]
     flops: SaeFlops
+    optimizer: OptimizerName | None = None  # None: the run's optimizer
+
+
+def contender_shape(contender: Contender, shape: Shape) -> Shape:
+    return replace(shape, optimizer=contender.optimizer or shape.optimizer)
 
 
 def contenders(shape: Shape) -> list[Contender]:
@@ -83,7 +89,10 @@ def contenders(shape: Shape) -> list[Contender]:
         return lambda: SwitchTrainingSAE(SwitchTrainingSAEConfig(d_in=d, d_sae=M, n_experts=n, k=k, device=device))
 
     matched = flops_matched_topk_width(M, 64, 2)
+    # With another optimizer, SAELens's TopK as shipped comes first: every speed-up is also against it.
+    shipped = [Contender(f"TopK {M} (SAELens's Adam)", topk(M), topk_flops(d, M, k), "adam")]
     return [
+        *(shipped if shape.optimizer != "adam" else []),
         Contender(f"TopK {M} (width-matched)", topk(M), topk_flops(d, M, k)),
         Contender(f"TopK {matched} (FLOPs-matched to Scale 64/e=2)", topk(matched), topk_flops(d, matched, k)),
         Contender("Dense MoE 64/e=2 (authors' way)", scale(64, 2, DenseScaleTrainingSAE), dense_routed_flops(d, M, 64)),
@@ -105,8 +114,9 @@ def inference_encode_seconds(sae: TrainingSAE[Any], batch: torch.Tensor, shape: 
 
 def measure_memory(name: str, shape: Shape, quick: bool) -> dict[str, float]:
     if shape.device == "cuda":
-        return step_memory(next(c for c in contenders(shape) if c.name == name).make, shape)
-    flags = ["--quick"] if quick else []
+        contender = next(c for c in contenders(shape) if c.name == name)
+        return step_memory(contender.make, contender_shape(contender, shape))
+    flags = ["--quick", "--optimizer", shape.optimizer] if quick else ["--optimizer", shape.optimizer]
     flags += ["--autocast"] if shape.autocast else []
     return in_fresh_process(__file__, "--memory-probe", name, *flags)
 
@@ -114,17 +124,20 @@ def measure_memory(name: str, shape: Shape, quick: bool) -> dict[str, float]:
 def time_contender(contender: Contender, batch: torch.Tensor, shape: Shape, quick: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     sae = contender.make()
-    trainer = make_trainer(sae, shape)
+    own = contender_shape(contender, shape)
+    trainer = make_trainer(sae, own)
     step = median_seconds(lambda: trainer.step(batch), shape.repeats, shape.device)
-    floor = floor_seconds(sae, shape.repeats, shape.device)
+    floor = floor_seconds(sae, shape.repeats, shape.device, own.optimizer)
     encode = inference_encode_seconds(sae, batch, shape)
     return {
         "name": contender.name,
+        "optimizer": own.optimizer,
         "params": sum(p.numel() for p in sae.parameters()),
         "step_ms": 1000 * step,
         "train_tokens_per_s": shape.batch / step,
         "floor_ms": 1000 * floor,
         "step_over_floor": step / floor,
+        "optimizer_share": floor / step,
         "encode_ms": 1000 * encode,
         "encode_tokens_per_s": shape.batch / encode,
         "encoder_flops_per_token": contender.flops.encoder,
@@ -137,9 +150,11 @@ def benchmark(shape: Shape, quick: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     batch = torch.randn(shape.batch, shape.d_in, device=shape.device)
     rows = [time_contender(c, batch, shape, quick) for c in tqdm(contenders(shape), desc="contenders")]
-    topk = rows[0]
+    topk = rows[0]  # SAELens's TopK as shipped
+    same_optimizer = next(row for row in rows if row["name"].endswith("(width-matched)"))
     for row in rows:
         row["train_speedup_vs_topk"] = row["train_tokens_per_s"] / topk["train_tokens_per_s"]
+        row["train_speedup_vs_topk_same_optimizer"] = row["train_tokens_per_s"] / same_optimizer["train_tokens_per_s"]
         row["encode_speedup_vs_topk"] = row["encode_tokens_per_s"] / topk["encode_tokens_per_s"]
         row["peak_vs_topk"] = row["peak_mb"] / topk["peak_mb"]
     return {"shape": asdict(shape), "device": shape.device, "machine": machine(shape.device), "rows": rows}
@@ -150,21 +165,23 @@ def markdown(result: dict[str, Any]) -> str:
     where = result["machine"]["gpu"] or f"CPU, {result['machine']['cpu_threads']} threads"
     precision = "bf16 autocast" if shape["autocast"] else "float32"
     lines = [
-        f"# Training-step speed ({where}, {precision}, torch {result['machine']['torch']})",
+        f"# Training-step speed ({where}, {precision}, {shape['optimizer']}, torch {result['machine']['torch']})",
         "",
         f"d_in={shape['d_in']}, d_sae={shape['d_sae']}, k={shape['k']}, batch {shape['batch']} tokens, median of "
         f"{shape['repeats']} steps after a warm-up. Step = SAELens `SAETrainer.step` (forward, firing stats, backward, "
-        "clip, Adam). Floor = clip + Adam alone on the same parameters. Peak/step memory: RSS in a fresh process "
-        "(CPU) or the CUDA allocator's peak.",
+        "clip, optimizer). Floor = clip + the optimizer alone on the same parameters; its share of the step is floor / "
+        "step. vs TopK: against SAELens's TopK as shipped (the first row); same opt.: against the width-matched TopK "
+        "with the row's optimizer. Peak/step memory: RSS in a fresh process (CPU) or the CUDA allocator's peak.",
         "",
-        "| SAE | ms/step | train tok/s | vs TopK | step / floor | encode tok/s | encode vs TopK "
-        "| peak MB | step MB | enc. GFLOP/tok |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| SAE | optimizer | ms/step | train tok/s | vs TopK | vs TopK, same opt. | step / floor | optimizer share "
+        "| encode tok/s | encode vs TopK | peak MB | step MB | enc. GFLOP/tok |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         lines.append(
-            f"| {row['name']} | {row['step_ms']:.0f} | {row['train_tokens_per_s']:.0f} "
-            f"| {row['train_speedup_vs_topk']:.1f}x | {row['step_over_floor']:.2f} | {row['encode_tokens_per_s']:.0f} "
+            f"| {row['name']} | {row['optimizer']} | {row['step_ms']:.0f} | {row['train_tokens_per_s']:.0f} "
+            f"| {row['train_speedup_vs_topk']:.1f}x | {row['train_speedup_vs_topk_same_optimizer']:.1f}x "
+            f"| {row['step_over_floor']:.2f} | {row['optimizer_share']:.0%} | {row['encode_tokens_per_s']:.0f} "
             f"| {row['encode_speedup_vs_topk']:.1f}x | {row['peak_mb']:.0f} | {row['step_mb']:.0f} "
             f"| {row['encoder_flops_per_token'] / 1e9:.4f} |"
         )
@@ -176,14 +193,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"small shape: {QUICK}")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--autocast", action="store_true", help="train in SAELens's bf16 autocast")
+    parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="what every SAE trains with")
     parser.add_argument("--memory-probe", metavar="NAME", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    shape = replace(QUICK if args.quick else FULL, device=args.device, autocast=args.autocast)
+    shape = replace(QUICK if args.quick else FULL, device=args.device, autocast=args.autocast, optimizer=args.optimizer)
     if args.memory_probe:
-        print(json.dumps(step_memory(next(c for c in contenders(shape) if c.name == args.memory_probe).make, shape)))
+        contender = next(c for c in contenders(shape) if c.name == args.memory_probe)
+        print(json.dumps(step_memory(contender.make, contender_shape(contender, shape))))
         return
     result = benchmark(shape, args.quick)
-    stem = f"speed-{args.device}" + ("-quick" if args.quick else "")
+    optimizer = "" if args.optimizer == "adam" else f"-{args.optimizer}"
+    stem = f"speed-{args.device}{optimizer}" + ("-quick" if args.quick else "")
     write_results(stem, result, markdown(result))
     print(markdown(result))
 
