@@ -116,7 +116,7 @@ def measure_memory(name: str, shape: Shape, quick: bool) -> dict[str, float]:
     if shape.device == "cuda":
         contender = next(c for c in contenders(shape) if c.name == name)
         return step_memory(contender.make, contender_shape(contender, shape))
-    flags = ["--quick", "--optimizer", shape.optimizer] if quick else ["--optimizer", shape.optimizer]
+    flags = ["--optimizer", shape.optimizer] + (["--quick"] if quick else [])
     flags += ["--autocast"] if shape.autocast else []
     return in_fresh_process(__file__, "--memory-probe", name, *flags)
 

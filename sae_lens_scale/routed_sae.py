@@ -411,7 +411,8 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         by its momentum even with zero gradients, so the step fails before backward with everything untouched.
 
         The step reads the device once (``_batch_statistics``). SAELens's trainer has no hook that sees data before
-        training, so its first step (``n_training_steps == 0``) sets the biases from data if they never were.
+        training, so its first step (``n_training_steps == 0``) settles the biases (``bias_init``) unless an earlier
+        step of this SAE's life did.
         """
         if step_input.n_training_steps == 0 and not self.bias_init_done:
             self.initialize_biases_from_data(step_input.sae_in)
