@@ -22,13 +22,14 @@ import torch
 import torch.distributed as dist
 from sae_lens import LoggingConfig
 from sae_lens.config import SAETrainerConfig
-from sae_lens.saes.sae import SAE, TrainingSAE
+from sae_lens.saes.sae import SAE, TrainingSAE, TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file, save_file
 from torch.multiprocessing.spawn import start_processes
 
 from sae_lens_scale.optimizers import OptimizerName, use_optimizer
 from sae_lens_scale.parallel.process_group import join_process_group
+from sae_lens_scale.row_sparse_adam import RowSparseAdam
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -113,24 +114,43 @@ def median_seconds(fn: Callable[[], Any], repeats: int, device: str = "cpu", war
     return statistics.median(times)
 
 
-def floor_seconds(
-    sae: TrainingSAE[Any], repeats: int, device: str = "cpu", optimizer_name: OptimizerName = "adam"
-) -> float:
-    """clip_grad_norm + the optimizer on the SAE's own parameters, with random gradients: no step inside SAELens's
-    trainer can be faster."""
-    params = [p for p in sae.parameters()]
-    optimizer = torch.optim.Adam(params, lr=1e-12, fused=optimizer_name == "adam_fused")
-    for param in params:
-        param.grad = torch.randn_like(param)
+def floor_seconds(trainer: SAETrainer[Any, Any], batch: torch.Tensor, repeats: int, device: str = "cpu") -> float:
+    """clip_grad_norm + the optimizer on the SAE's own parameters: no step inside SAELens's trainer can be faster.
 
-    def step() -> None:
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+    Adam and fused Adam step random gradients of every parameter (a fresh optimizer, lr 1e-12). ``RowSparseAdam``
+    steps what it steps in training: the row gradients of one real backward, copied back before each timed step.
+    """
+    sae = trainer.sae
+    params = list(sae.parameters())
+    if not isinstance(trainer.optimizer, RowSparseAdam):
+        optimizer = torch.optim.Adam(params, lr=1e-12, fused=bool(trainer.optimizer.param_groups[0].get("fused")))
+        for param in params:
+            param.grad = torch.randn_like(param)
 
-    seconds = median_seconds(step, repeats, device)
-    for param in params:
-        param.grad = None
-    return seconds
+        def step() -> None:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+
+        seconds = median_seconds(step, repeats, device)
+        for param in params:
+            param.grad = None
+        return seconds
+    gradients = trainer.optimizer.gradients
+    step_input = TrainStepInput(batch, {}, None, n_training_steps=1, is_logging_step=False)
+    sae.training_forward_pass(step_input).loss.backward()
+    rows, dense = gradients.rows, gradients.dense
+    times = []
+    for _ in range(repeats + 1):  # the first is the warm-up
+        gradients.rows = {
+            param: [part._replace(values=part.values.clone()) for part in parts] for param, parts in rows.items()
+        }
+        gradients.dense = {param: grad.clone() for param, grad in dense.items()}
+        synchronize(device)
+        start = time.perf_counter()
+        trainer.optimizer.step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def proc_status_mb(field: str) -> float:
@@ -160,15 +180,13 @@ def peak_mb(device: str) -> float:
 
 
 def step_memory(make: Callable[[], TrainingSAE[Any]], shape: Shape) -> dict[str, float]:
-    """Resting memory with params + grads + Adam state, then the peak over two steps (CPU: call in a fresh process,
-    since the peak RSS covers the whole process)."""
+    """Resting memory with params + the optimizer's state (after one step), then the peak over two more steps (CPU:
+    call in a fresh process, since the peak RSS covers the whole process)."""
     torch.manual_seed(0)
     sae = make()
     trainer = make_trainer(sae, shape)
     batch = torch.randn(shape.batch, shape.d_in, device=shape.device)
-    for param in sae.parameters():
-        param.grad = torch.zeros_like(param)
-    trainer.optimizer.step()  # zero gradients: allocates Adam state, leaves the weights as they are
+    trainer.step(batch)
     resting = start_peak(shape.device)
     for _ in range(2):
         trainer.step(batch)

@@ -19,6 +19,8 @@ model also carry massive-activation dimensions (values near 23,000 from block 11
     python benchmarks/quality.py --quick    # a smaller comparison (half the width, 18 % of the tokens, one seed)
     python benchmarks/quality.py            # the full comparison
     python benchmarks/quality.py --curves   # learning curves: 4 SAEs, 4 passes, held-out FVU every 1/8 pass
+    python benchmarks/quality.py --optimizers adam adam_fused adam_row_sparse   # the headline SAEs per optimizer
+    python benchmarks/quality.py --quick --optimizers adam adam_fused adam_row_sparse   # the same, 2 seeds
 """
 
 import argparse
@@ -41,6 +43,7 @@ from tqdm import tqdm
 
 from sae_lens_scale import ScaleTrainingSAEConfig, SwitchTrainingSAEConfig, metrics
 from sae_lens_scale.flops import flops_matched_topk_width, routed_flops, topk_flops
+from sae_lens_scale.optimizers import OPTIMIZERS, OptimizerName, use_optimizer
 from sae_lens_scale.routed_sae import RoutedTrainingSAE
 from sae_lens_scale.scale_sae import FeatureScaling
 from sae_lens_scale.tools.sources import BUNDLED_MODEL
@@ -66,6 +69,10 @@ from common import (
 CURVES = replace(QUALITY_FULL, seeds=(0,), epochs=4)
 CURVE_NAMES = ("Scale 32/e=2", "Switch 16", "TopK (FLOPs-matched to Scale 32/e=2)", "TopK (width-matched)")
 CURVE_POINTS_PER_PASS = 8
+# The optimizer comparison: each SAE with every optimizer it can train with (TopK has no row-sparse step). The
+# width-matched TopK, the slowest, runs one seed: its optimizers are exact Adam either way.
+OPTIMIZER_NAMES = ("Scale 32/e=2", "Switch 16", "TopK (FLOPs-matched to Scale 32/e=2)", "TopK (width-matched)")
+ONE_SEED = ("TopK (width-matched)",)
 HEADLINE = (
     "Scale 32/e=2",
     "Scale 32/e=2 no FS",
@@ -119,7 +126,9 @@ def contenders(cfg: QualityConfig, d_in: int) -> list[Contender]:
     return rows
 
 
-def train_sae(sae: TrainingSAE[Any], stream: Iterator[torch.Tensor], cfg: QualityConfig) -> float:
+def train_sae(
+    sae: TrainingSAE[Any], stream: Iterator[torch.Tensor], cfg: QualityConfig, optimizer: OptimizerName = "adam"
+) -> float:
     """Train with SAELens's trainer on ``stream``; returns the seconds it took.
 
     The routed SAEs set ``b_dec`` and ``b_router`` from the first batch themselves (``bias_init``); SAELens's TopK
@@ -131,7 +140,9 @@ def train_sae(sae: TrainingSAE[Any], stream: Iterator[torch.Tensor], cfg: Qualit
             sae.b_dec.copy_(geometric_median(first.double()))
         stream = itertools.chain([first], stream)
     started = time.perf_counter()
-    SAETrainer(cfg=trainer_config(cfg), sae=sae, data_provider=stream).fit()
+    trainer = SAETrainer(cfg=trainer_config(cfg), sae=sae, data_provider=stream)
+    use_optimizer(trainer, optimizer)
+    trainer.fit()
     return time.perf_counter() - started
 
 
@@ -201,6 +212,96 @@ def run(cfg: QualityConfig, cache: Path, names: set[str] | None = None) -> dict[
         "tokens": {split: tensor.shape[0] for split, tensor in acts.items()},
         "rows": rows,
     }
+
+
+def run_optimizers(cfg: QualityConfig, cache: Path, optimizers: list[OptimizerName]) -> dict[str, Any]:
+    """The optimizer comparison: ``OPTIMIZER_NAMES`` with each optimizer, on the same tokens in the same order."""
+    acts = cached_activations(cfg, cache)
+    model, datasets = model_and_rows(cfg)
+    train = acts["train"]
+    d_in = train.shape[1]
+    scale = activation_scale(train)
+    chosen = [c for c in contenders(cfg, d_in) if c.name in OPTIMIZER_NAMES]
+    runs: list[tuple[Contender, OptimizerName]] = [
+        (contender, optimizer)
+        for contender in chosen
+        for optimizer in optimizers
+        if not (contender.family == "topk" and optimizer == "adam_row_sparse")
+    ]
+    rows = []
+    for contender, optimizer in tqdm(runs, desc="SAE x optimizer"):
+        for seed in cfg.seeds[:1] if contender.name in ONE_SEED else cfg.seeds:
+            torch.manual_seed(seed)
+            sae = contender.make()
+            seconds = train_sae(sae, batches(train, cfg.batch, scale, seed=0), cfg, optimizer)
+            rows.append(
+                {
+                    "name": contender.name,
+                    "family": contender.family,
+                    "optimizer": optimizer,
+                    "seed": seed,
+                    "d_sae": sae.cfg.d_sae,
+                    "encoder_flops_per_token": contender.encoder_flops,
+                    "train_seconds": seconds,
+                    **evaluate(sae, scale, acts, model, datasets, cfg),
+                }
+            )
+    return {"config": asdict(cfg), "d_in": d_in, "activation_scale": scale, "optimizers": optimizers, "rows": rows}
+
+
+def optimizers_report(result: dict[str, Any], stem: str) -> None:
+    """Mean over seeds per (SAE, optimizer), each faster optimizer against Adam, and the recommendation's test:
+    FVU within 1 % of Adam's and no more dead latents."""
+    cfg = result["config"]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in result["rows"]:
+        groups.setdefault((row["name"], row["optimizer"]), []).append(row)
+    summary = {}
+    for (name, optimizer), group in groups.items():
+        fvus = [row["in_domain"]["fvu"] for row in group]
+        summary[name, optimizer] = {
+            "name": name,
+            "optimizer": optimizer,
+            "seeds": len(group),
+            "fvu": sum(fvus) / len(fvus),
+            "fvu_spread": max(fvus) - min(fvus),
+            "dead": _mean(group, lambda r: r["in_domain"]["dead_latents"]),
+            "ce_score": _mean(group, lambda r: r["in_domain"]["ce_loss_score"]),
+            "cross_fvu": _mean(group, lambda r: r["cross_domain"]["fvu"]),
+            "train_seconds": _mean(group, lambda r: r["train_seconds"]),
+        }
+    lines = [
+        "# SAE quality per optimizer (CPU)",
+        "",
+        f"SmolLM2-135M-Instruct `{cfg['hook']}`, {cfg['train_tokens']} training tokens (Shakespeare), the same order "
+        f"for every run; k={cfg['k']}, total width {cfg['d_sae']}; seeds {list(cfg['seeds'])} (the width-matched TopK: "
+        f"seed {cfg['seeds'][0]} only). FVU and dead latents on the in-domain held-out tokens, CE = SAELens "
+        "`run_evals` CE loss score. vs Adam: the same SAE and seeds with SAELens's Adam. ± = max - min over seeds.",
+        "",
+        "| SAE | optimizer | seeds | FVU | vs Adam | dead | vs Adam | CE | cross FVU | train s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    verdicts = []
+    for (name, optimizer), row in summary.items():
+        adam = summary.get((name, "adam"))
+        fvu_change = row["fvu"] / adam["fvu"] - 1 if adam else float("nan")
+        dead_change = row["dead"] - adam["dead"] if adam else float("nan")
+        row["fvu_vs_adam"], row["dead_vs_adam"] = fvu_change, dead_change
+        lines.append(
+            f"| {name} | {optimizer} | {row['seeds']} | {row['fvu']:.4f} ± {row['fvu_spread']:.4f} "
+            f"| {fvu_change:+.2%} | {row['dead']:.0f} | {dead_change:+.0f} | {row['ce_score']:.3f} "
+            f"| {row['cross_fvu']:.4f} | {row['train_seconds']:.0f} |"
+        )
+        if optimizer != "adam" and adam:
+            passes = fvu_change <= 0.01 and dead_change <= 0
+            verdicts.append(
+                f"- {name}, {optimizer}: FVU {fvu_change:+.2%} and {dead_change:+.0f} dead latents against Adam: "
+                + ("within 1 % and no more dead." if passes else "outside the bar (FVU within 1 %, no more dead).")
+            )
+    result["summary"] = list(summary.values())
+    table = "\n".join([*lines, "", "## Against Adam", "", *verdicts]) + "\n"
+    write_results(stem, result, table)
+    print(table)
 
 
 def _mean(group: list[dict[str, Any]], value: Callable[[dict[str, Any]], float]) -> float:
@@ -509,8 +610,16 @@ def main() -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--quick", action="store_true", help="half the width, 18 %% of the tokens, one seed")
     budget.add_argument("--curves", action="store_true", help="learning curves over 4 passes")
+    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, help="the headline SAEs with each optimizer")
     args = parser.parse_args()
     started = time.perf_counter()
+    if args.optimizers:
+        # Two seeds at either budget: the comparison is between optimizers on the same SAE.
+        cfg = replace(QUALITY_QUICK, seeds=(0, 1)) if args.quick else QUALITY_FULL
+        result = run_optimizers(cfg, activation_cache(cfg), args.optimizers)
+        result["wall_seconds"] = time.perf_counter() - started
+        optimizers_report(result, "quality-cpu-optimizers" + ("-quick" if args.quick else ""))
+        return
     if args.curves:
         result = run_curves(CURVES, activation_cache(CURVES))
         result["wall_seconds"] = time.perf_counter() - started

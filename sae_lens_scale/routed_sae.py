@@ -36,22 +36,30 @@ from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
 
 from sae_lens_scale.routing import (
+    ExpertRoute,
     Experts,
     LocalExperts,
     RoutedEncoding,
-    auxk_code,
+    Routing,
+    SparseCode,
+    auxk_selection,
     dense_acts,
     expert_counts,
     feature_scaled_encoder,
+    gated_code,
     global_topk,
     load_balance_loss,
     normalized_entropy,
     router_probs,
     row_norms,
     select_experts,
+    selected_latents,
+    selected_preactivations,
     sparse_acts,
+    sparse_decode,
     unit_rows,
 )
+from sae_lens_scale.row_sparse_adam import RowGradients, gather_rows
 from sae_lens_scale.training_guards import (
     BatchParts,
     BiasInit,
@@ -82,6 +90,16 @@ class BatchStatistics(NamedTuple):
     loss_is_finite: bool
     n_dead: int
     max_expert_token_share: float  # largest fraction of the batch's tokens routed to one expert
+
+
+class TrainingEncoding(NamedTuple):
+    """A training batch's routing and candidates, what a step decodes its selections (main code, AuxK) from."""
+
+    routing: Routing
+    candidates: Tensor  # [batch, n_active_experts * m], slot-major
+    route: ExpertRoute
+    centered: Tensor  # [batch, d_in] the input the candidates were computed from
+    decoder_row_norms: Tensor | None  # the decode's row norms over the whole decoder; None with row gradients
 
 
 @dataclass
@@ -155,6 +173,15 @@ class RoutedSAE(SAE[T_ROUTED_CONFIG]):
 
         This is the fast path: no [batch, d_sae] tensor is built. Hooks see tensors with x's leading dims.
         """
+        routing, candidates, route, _ = self.routed_candidates(x, self.b_enc)
+        return RoutedEncoding(routing, candidates, global_topk(candidates, routing, self.cfg.k), route)
+
+    def routed_candidates(
+        self, x: Tensor, b_enc: Tensor, encoder_grad: bool = True
+    ) -> tuple[Routing, Tensor, ExpertRoute, Tensor]:
+        """The routing, the routed experts' candidates with bias ``b_enc``, their route, and the flat centred input
+        they were computed from. ``encoder_grad=False`` computes the candidates without a gradient (the router's
+        probabilities keep theirs)."""
         sae_in = self.run_time_activation_norm_fn_in(self.hook_sae_input(self.reshape_fn_in(x.to(self.dtype))))
         leading = sae_in.shape[:-1]
         sae_in = sae_in.reshape(-1, self.cfg.d_in)
@@ -162,9 +189,9 @@ class RoutedSAE(SAE[T_ROUTED_CONFIG]):
         probs = router_probs(sae_in, self.W_router, self.b_router)
         routing = select_experts(_hooked(self.hook_router_probs, probs, leading), self.cfg.n_active_experts)
         omega = self.feature_scaling_omega()
-        candidates, route = self.experts.candidates(centered, routing, self.W_enc, self.b_enc, omega)
-        candidates = _hooked(self.hook_sae_acts_pre, candidates, leading)
-        return RoutedEncoding(routing, candidates, global_topk(candidates, routing, self.cfg.k), route)
+        with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
+            candidates, route = self.experts.candidates(centered, routing, self.W_enc, b_enc, omega)
+        return routing, _hooked(self.hook_sae_acts_pre, candidates, leading), route, centered
 
     def require_every_expert(self, action: str) -> None:
         """Refuse ``action`` on an SAE that holds only some of its experts' weights."""
@@ -342,6 +369,8 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         self.hook_sae_acts_post = SparseHookPoint(self.cfg.d_sae)
         self.setup()
         self.batch_parts: BatchParts = WholeBatch()
+        # Set by whoever steps the SAE with RowSparseAdam: where the backward leaves the row-sparse gradients.
+        self.row_gradients: RowGradients | None = None
         self.collapse_monitor = CollapseMonitor(
             cfg.n_experts,
             cfg.n_active_experts,
@@ -382,25 +411,61 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         """SAELens's hook for a dense pass; the routed losses need the routing and live in the training pass."""
         return {}
 
-    def auxk_loss(
-        self,
-        sae_in: Tensor,
-        encoding: RoutedEncoding,
-        sae_out: Tensor,
-        decoder_row_norms: Tensor | None,
-        stats: BatchStatistics,
-    ) -> Tensor:
+    def row_sparse_dims(self) -> dict[str, int]:
+        """The parameters a step gives a gradient only in the rows of the latents it selected, each with the
+        dimension its rows run along. ``W_enc``'s columns only without Feature Scaling, whose expert mean couples
+        every column of a routed expert."""
+        dims = {"W_dec": 0, "b_enc": 0}
+        if self.feature_scaling_omega() is None:
+            dims["W_enc"] = 1
+        return dims
+
+    def training_encoding(self, sae_in: Tensor) -> TrainingEncoding:
+        """What a training step decodes its selections from. With ``row_gradients`` the encoder and ``b_enc``
+        reach a selection's pre-activations through its rows only (``decode_selection``)."""
+        if self.row_gradients is None:
+            routing, candidates, route, centered = self.routed_candidates(sae_in, self.b_enc)
+            return TrainingEncoding(routing, candidates, route, centered, self.decoder_row_norms())
+        encoder_grad = "W_enc" not in self.row_sparse_dims()
+        routing, candidates, route, centered = self.routed_candidates(sae_in, self.b_enc.detach(), encoder_grad)
+        return TrainingEncoding(routing, candidates, route, centered, None)
+
+    def decode_selection(self, values: Tensor, index: Tensor, encoding: TrainingEncoding) -> tuple[SparseCode, Tensor]:
+        """The code of the candidates at ``index`` with pre-activations ``values``, and its decode (no bias).
+
+        With ``row_gradients`` set, the selected latents' rows of ``W_dec``, ``b_enc`` and (``row_sparse_dims``)
+        ``W_enc`` are gathered once and only they are differentiated: their gradients go to ``row_gradients`` as
+        row lists, and no gradient the size of the dictionary exists.
+        """
+        expert_width = self.cfg.d_sae // self.cfg.n_experts
+        gradients = self.row_gradients
+        if gradients is None:
+            code = gated_code(values, index, encoding.routing, expert_width)
+            return code, encoding.route.decode(code, self.W_dec, encoding.decoder_row_norms)
+        latents = selected_latents(index, encoding.routing, expert_width)
+        rows, inverse = torch.unique(latents, return_inverse=True)
+        encoder_rows = gather_rows(self.W_enc, rows, 1, gradients) if "W_enc" in self.row_sparse_dims() else None
+        if encoder_rows is not None:
+            values = values.detach()
+        bias_rows = gather_rows(self.b_enc, rows, 0, gradients)
+        values = selected_preactivations(values, encoding.centered, encoder_rows, bias_rows, inverse)
+        code = gated_code(values, index, encoding.routing, expert_width)
+        decoder_rows = gather_rows(self.W_dec, rows, 0, gradients)
+        norms = row_norms(decoder_rows) if self.cfg.normalize_decoder_rows else None
+        return code, sparse_decode(SparseCode(inverse, code.acts), decoder_rows, norms)
+
+    def auxk_loss(self, sae_in: Tensor, encoding: TrainingEncoding, sae_out: Tensor, stats: BatchStatistics) -> Tensor:
         """AuxK (Gao et al. 2024) over the computed candidates: dead latents reconstruct the main residual.
 
         The dead latents come from the step's batch statistics; with none dead the loss is zero and nothing is
-        computed. ``decoder_row_norms`` are the main decode's, so the step computes (and backpropagates) them once.
+        computed.
         """
         if stats.dead is None or stats.n_dead == 0 or self.cfg.aux_loss_coefficient == 0:
             return sae_out.new_zeros(())
         k_aux = self.cfg.d_in // 2
         residual = (sae_in - sae_out).detach()
-        code = auxk_code(encoding, stats.dead, min(k_aux, stats.n_dead))
-        aux_recons = encoding.route.decode(code, self.W_dec, decoder_row_norms)
+        values, index = auxk_selection(encoding.candidates, encoding.routing, stats.dead, min(k_aux, stats.n_dead))
+        _, aux_recons = self.decode_selection(values, index, encoding)
         scale = min(stats.n_dead / k_aux, 1.0)
         return self.cfg.aux_loss_coefficient * scale * (aux_recons - residual).pow(2).sum(dim=-1).mean()
 
@@ -416,13 +481,13 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         """
         if step_input.n_training_steps == 0 and not self.bias_init_done:
             self.initialize_biases_from_data(step_input.sae_in)
-        encoding = self.encode_routed(step_input.sae_in)
-        feature_acts = self.hook_sae_acts_post(sparse_acts(encoding.code, self.cfg.d_sae))
-        norms = self.decoder_row_norms()
-        decoded = encoding.route.decode(encoding.code, self.W_dec, norms) + self.b_dec
-        sae_out = self.run_time_activation_norm_fn_out(self.hook_sae_recons(decoded))
+        encoding = self.training_encoding(step_input.sae_in)
+        values, index = encoding.candidates.topk(self.cfg.k, dim=-1, sorted=False)
+        code, decoded = self.decode_selection(values, index, encoding)
+        feature_acts = self.hook_sae_acts_post(sparse_acts(code, self.cfg.d_sae))
+        sae_out = self.run_time_activation_norm_fn_out(self.hook_sae_recons(decoded + self.b_dec))
         mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
-        stats = self._batch_statistics(encoding, mse_loss, step_input.dead_neuron_mask)
+        stats = self._batch_statistics(encoding.routing, mse_loss, step_input.dead_neuron_mask)
         balance = load_balance_loss(encoding.routing.probs, stats.expert_fractions)
         losses = {
             "mse_loss": mse_loss,
@@ -434,13 +499,13 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
                 step_input.n_training_steps, step_input.sae_in, losses, parameters, self.batch_parts
             )
         self.collapse_monitor.update(stats.max_expert_token_share)
-        losses["auxiliary_reconstruction_loss"] = self.auxk_loss(step_input.sae_in, encoding, sae_out, norms, stats)
+        losses["auxiliary_reconstruction_loss"] = self.auxk_loss(step_input.sae_in, encoding, sae_out, stats)
         loss = torch.stack(list(losses.values())).sum()
-        metrics = self._routing_metrics(encoding, stats) if step_input.is_logging_step else {}
+        metrics = self._routing_metrics(encoding.routing, stats) if step_input.is_logging_step else {}
         # hidden_pre: the routed candidates, the only pre-activations that exist
         return TrainStepOutput(step_input.sae_in, sae_out, feature_acts, encoding.candidates, loss, losses, metrics)
 
-    def _batch_statistics(self, encoding: RoutedEncoding, mse_loss: Tensor, dead: Tensor | None) -> BatchStatistics:
+    def _batch_statistics(self, routing: Routing, mse_loss: Tensor, dead: Tensor | None) -> BatchStatistics:
         """The expert fractions, the dead latents and the loss guard over every part of the batch, and the step's
         one read of the device.
 
@@ -450,9 +515,9 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         one copy (on a GPU every separate read would stall the step again).
         """
         n_experts = self.cfg.n_experts
-        counts = expert_counts(encoding.routing.experts, n_experts)
+        counts = expert_counts(routing.experts, n_experts)
         alive = (~dead).long() if dead is not None else counts.new_zeros(0)
-        not_finite = ~torch.isfinite(mse_loss) | ~torch.isfinite(encoding.routing.probs).all()
+        not_finite = ~torch.isfinite(mse_loss) | ~torch.isfinite(routing.probs).all()
         packed = self.batch_parts.sum(torch.cat([counts, alive, not_finite.long().view(1)]))
         counts, alive, not_finite = packed.split([n_experts, alive.numel(), 1])
         fractions = counts.double() / counts.sum()
@@ -478,14 +543,14 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         self.bias_init_done.copy_(finite)
 
     @torch.no_grad()
-    def _routing_metrics(self, encoding: RoutedEncoding, stats: BatchStatistics) -> dict[str, Any]:
+    def _routing_metrics(self, routing: Routing, stats: BatchStatistics) -> dict[str, Any]:
         """The router's balance over every part of the batch, for SAELens's logger."""
         fractions = stats.expert_fractions
         metrics: dict[str, Any] = {
             "routing/expert_usage_entropy": normalized_entropy(fractions),
             "routing/max_expert_fraction": fractions.max(),
             "routing/max_expert_token_share": stats.max_expert_token_share,
-            "routing/load_balance": load_balance_loss(encoding.routing.probs, fractions),
+            "routing/load_balance": load_balance_loss(routing.probs, fractions),
             **self.collapse_monitor.metrics(),
         }
         omega = self.feature_scaling_omega()

@@ -215,11 +215,57 @@ def global_topk(candidates: Tensor, routing: Routing, k: int) -> SparseCode:
 
     ``candidates`` is ``[batch, n_active_experts * m]``, slot-major in the order of ``routing.experts``.
     """
-    expert_width = candidates.shape[-1] // routing.experts.shape[-1]
-    values, flat_index = candidates.topk(k, dim=-1, sorted=False)
-    slot = flat_index // expert_width
-    latents = routing.experts.gather(1, slot) * expert_width + flat_index % expert_width
-    return SparseCode(latents, routing.gates.gather(1, slot).to(values.dtype) * values.relu())
+    values, index = candidates.topk(k, dim=-1, sorted=False)
+    return gated_code(values, index, routing, candidates.shape[-1] // routing.experts.shape[-1])
+
+
+def gated_code(values: Tensor, index: Tensor, routing: Routing, expert_width: int) -> SparseCode:
+    """The code of the candidates at ``index [batch, k]`` (positions in the slot-major candidates), whose
+    pre-activations are ``values``: global latent ids, and ``gate * ReLU(values)``."""
+    gates = routing.gates.gather(1, index // expert_width)
+    return SparseCode(selected_latents(index, routing, expert_width), gates.to(values.dtype) * values.relu())
+
+
+def selected_latents(index: Tensor, routing: Routing, expert_width: int) -> Tensor:
+    """Global latent ids of the candidates at ``index``: ``expert * m + local id``."""
+    return routing.experts.gather(1, index // expert_width) * expert_width + index % expert_width
+
+
+class _SelectedPreactivations(torch.autograd.Function):
+    """The pre-activations ``x_t . C[rows_tj] + b[rows_tj]`` of each token's selected latents, given as ``values``
+    (the routed product already computed them), with the backward of that formula.
+
+    ``C`` and ``b`` hold only the step's latents, so their gradients are the rows' own, and no ``[batch * k, d_in]``
+    product is built: both gradients of the weighted row sum are those of an ``embedding_bag``. Without ``C`` the
+    values carry their own gradient to the encoder, and only ``b``'s is added here.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, x: Tensor, C: Tensor | None, b: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(x, C, rows)
+        ctx.n_rows = b.shape[0]
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
+        (grad,) = grad_outputs
+        x, C, rows = ctx.saved_tensors
+        grad_values = grad if ctx.needs_input_grad[0] else None
+        grad_b = grad.new_zeros(ctx.n_rows).index_add_(0, rows.flatten(), grad.flatten())
+        grad_x = grad_C = None
+        if C is not None:
+            grad_x = F.embedding_bag(rows, C, per_sample_weights=grad, mode="sum")
+            with torch.enable_grad():
+                leaf = C.detach().requires_grad_()
+                summed = F.embedding_bag(rows, leaf, per_sample_weights=grad.detach(), mode="sum")
+                (grad_C,) = torch.autograd.grad(summed, leaf, x)
+        return grad_values, grad_x, grad_C, grad_b, None
+
+
+def selected_preactivations(values: Tensor, x: Tensor, C: Tensor | None, b: Tensor, rows: Tensor) -> Tensor:
+    """``values [batch, k]`` as a function of the selected latents' encoder rows ``C [n, d_in]`` (or None: the
+    values carry their own encoder gradient) and biases ``b [n]``; ``rows [batch, k]`` index both."""
+    return _SelectedPreactivations.apply(values, x, C, b, rows)
 
 
 MIN_ROW_NORM = 1e-8  # SAELens's clamp for decoder row norms: a zero row divides to zero instead of NaN
@@ -328,21 +374,26 @@ def load_balance_loss(probs: Tensor, fractions: Tensor) -> Tensor:
     return probs.shape[-1] * (fractions.to(probs.dtype) * probs.mean(0)).sum()
 
 
-def auxk_code(encoding: RoutedEncoding, dead_latents: Tensor, k_aux: int) -> SparseCode:
-    """The top-k_aux dead latents among each token's computed candidates (AuxK, Gao et al. 2024).
+def auxk_selection(candidates: Tensor, routing: Routing, dead_latents: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    """The pre-activations and candidate positions of the top-k_aux dead latents among each token's computed
+    candidates (AuxK, Gao et al. 2024).
 
     Only the routed experts' candidates exist, so a dead latent is revived by the tokens routed to its expert,
     which is what the load-balancing loss already encourages.
     """
-    experts = encoding.routing.experts
-    n_active_experts = experts.shape[1]
-    expert_width = encoding.candidates.shape[1] // n_active_experts
-    local = torch.arange(expert_width, device=experts.device)
-    candidate_latents = (experts.unsqueeze(-1) * expert_width + local).flatten(1)
-    masked = torch.where(dead_latents[candidate_latents], encoding.candidates, -torch.inf)
-    values, flat_index = masked.topk(min(k_aux, masked.shape[1]), dim=-1, sorted=False)
-    gates = encoding.routing.gates.gather(1, flat_index // expert_width)
-    return SparseCode(candidate_latents.gather(1, flat_index), gates.to(values.dtype) * values.relu())
+    expert_width = candidates.shape[-1] // routing.experts.shape[-1]
+    local = torch.arange(expert_width, device=candidates.device)
+    candidate_latents = (routing.experts.unsqueeze(-1) * expert_width + local).flatten(1)
+    masked = torch.where(dead_latents[candidate_latents], candidates, -torch.inf)
+    values, index = masked.topk(min(k_aux, masked.shape[1]), dim=-1, sorted=False)
+    return values, index
+
+
+def auxk_code(encoding: RoutedEncoding, dead_latents: Tensor, k_aux: int) -> SparseCode:
+    """AuxK's code: the top-k_aux dead candidates of each token (``auxk_selection``), gated like the main code."""
+    routing, candidates = encoding.routing, encoding.candidates
+    values, index = auxk_selection(candidates, routing, dead_latents, k_aux)
+    return gated_code(values, index, routing, candidates.shape[-1] // routing.experts.shape[-1])
 
 
 def feature_scaled_encoder(W_enc: Tensor, omega: Tensor) -> Tensor:

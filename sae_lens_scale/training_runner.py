@@ -8,13 +8,15 @@ from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 from transformer_lens.hook_points import HookedRootModule
 
-from sae_lens_scale.optimizers import OptimizerName, check_optimizer_name, use_optimizer
+from sae_lens_scale.optimizers import OptimizerName, check_optimizer_choice, use_optimizer
 
 
 class OptimizedSAETrainingRunner(LanguageModelSAETrainingRunner):
     """``LanguageModelSAETrainingRunner`` with ``optimizer``: ``"adam"`` (SAELens's own, the default, exactly its
-    behaviour) or ``"adam_fused"`` (the same Adam in torch's fused implementation). Everything else is SAELens's:
-    the trainer, its clip of the gradient norm to 1, checkpoints and resume (the optimizer state included)."""
+    behaviour), ``"adam_fused"`` (the same Adam in torch's fused implementation) or ``"adam_row_sparse"`` (routed
+    SAEs: ``RowSparseAdam``, which steps only the selected latents' rows). Everything else is SAELens's: the trainer,
+    checkpoints and resume (the optimizer state included), and the clip of the gradient norm to 1 (which
+    ``RowSparseAdam`` applies in its step)."""
 
     def __init__(
         self,
@@ -24,7 +26,7 @@ class OptimizedSAETrainingRunner(LanguageModelSAETrainingRunner):
         override_sae: TrainingSAE[Any] | None = None,
         optimizer: OptimizerName = "adam",
     ) -> None:
-        check_optimizer_name(optimizer)
+        check_optimizer_choice(optimizer, cfg.sae, cfg.autocast)
         self.optimizer_name: OptimizerName = optimizer
         super().__init__(
             cfg, override_dataset=override_dataset, override_model=override_model, override_sae=override_sae

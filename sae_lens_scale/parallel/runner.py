@@ -26,7 +26,7 @@ from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from transformer_lens.hook_points import HookedRootModule
 
-from sae_lens_scale.optimizers import OptimizerName
+from sae_lens_scale.optimizers import OptimizerName, check_optimizer_choice
 from sae_lens_scale.parallel.checkpoints import gathered_state_dict, rank_checkpoint
 from sae_lens_scale.parallel.data import replicate_training_pass, shard_activation_store
 from sae_lens_scale.parallel.experts import ShardedExperts
@@ -109,6 +109,7 @@ class DistributedSAETrainingRunner(OptimizedSAETrainingRunner):
                 f"expert_parallel=True builds each rank's share of a fresh SAE, so it cannot also take {given}: "
                 "resume an expert-parallel run with resume_from_checkpoint, or train that SAE without expert_parallel."
             )
+        check_optimizer_choice(optimizer, cfg.sae, cfg.autocast, expert_parallel)
         self.expert_parallel = expert_parallel
         self.rank, self.world_size = join_process_group(cfg.device, timeout)
         rank_device(cfg.device)  # before the first collective: NCCL runs it on the current GPU
@@ -158,7 +159,7 @@ class DistributedSAETrainingRunner(OptimizedSAETrainingRunner):
                 )
             trainer.evaluator = None
         else:
-            replicate_training_pass(self.sae)
+            replicate_training_pass(self.sae, self.optimizer_name)
         sae = super().run_trainer_with_interruption_handling(trainer)
         pool_firing_statistics(trainer)
         trainer.set_final_sae_metadata()

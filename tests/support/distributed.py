@@ -125,9 +125,9 @@ def train_steps(
     per_rank = batches.shape[1] // world_size
     stream = iter(batches[:, rank * per_rank : (rank + 1) * per_rank])
     trainer = SAETrainer(cfg=trainer_config(per_rank), sae=sae, data_provider=stream)
-    use_optimizer(trainer, optimizer)
     if world_size > 1:
-        replicate_training_pass(sae)
+        replicate_training_pass(sae, optimizer)
+    use_optimizer(trainer, optimizer)
     return trainer.fit()
 
 
