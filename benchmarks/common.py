@@ -29,6 +29,7 @@ from torch.multiprocessing.spawn import start_processes
 
 from sae_lens_scale.optimizers import OptimizerName, use_optimizer
 from sae_lens_scale.parallel.process_group import join_process_group
+from sae_lens_scale.routing import expert_matmul
 from sae_lens_scale.row_sparse_adam import RowSparseAdam
 
 RESULTS = Path(__file__).parent / "results"
@@ -51,14 +52,28 @@ def write_results(stem: str, result: dict[str, Any], markdown: str | None = None
 
 
 def machine(device: str) -> dict[str, Any]:
-    """What a timing depends on, recorded next to it."""
+    """What a timing depends on, recorded next to it, including which expert-matmul path ran."""
     return {
         "processor": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "expert_matmul": {str(dtype): expert_matmul_path(device, dtype) for dtype in (torch.float32, torch.bfloat16)},
     }
+
+
+def expert_matmul_path(device: str, dtype: torch.dtype, d_in: int = 768, expert_width: int = 384) -> str:
+    """Which path the engine's expert product took, seen in a profile of one call: torch's grouped kernel, or the
+    per-expert loop it falls back to."""
+    rows = torch.randn(64, d_in, device=device, dtype=dtype)
+    weights = torch.randn(4, d_in, expert_width, device=device, dtype=dtype)
+    offsets = torch.tensor([16, 32, 48, 64], dtype=torch.int32, device=device)
+    with torch.profiler.profile() as profile:
+        expert_matmul(rows, weights, offsets)
+        synchronize(device)
+    ran_grouped = any("grouped_mm" in event.name for event in profile.events() or [])
+    return "grouped kernel (F.grouped_mm)" if ran_grouped else "loop fallback (one mm per expert)"
 
 
 # The speed benchmarks: SAELens's own training step, timed, and its memory.

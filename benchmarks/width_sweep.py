@@ -202,6 +202,7 @@ def markdown(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path) -> None:
     """Tokens/s and peak memory against width, a colour per SAE and a line style per optimizer."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     speed_axes, memory_axes = figure.subplots(1, 2)
@@ -221,8 +222,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         )
         measured = [r for r in rows if "peak_mb" in r]
         memory_axes.plot([r["d_sae"] for r in measured], [r["peak_mb"] for r in measured], style, color=colour)
+    widths = sorted({r["d_sae"] for r in result["rows"]})
     for axes in (speed_axes, memory_axes):
         axes.set(xscale="log", yscale="log", xlabel="latents (d_sae)")
+        axes.set_xticks(widths, [f"{w // 1024}k" for w in widths])
+        axes.xaxis.set_minor_formatter(NullFormatter())
     speed_axes.set(ylabel="training tokens / s", title="Speed")
     memory_axes.set(ylabel="peak memory, MB", title="Memory")
     speed_axes.legend(fontsize=7)

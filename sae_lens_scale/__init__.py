@@ -19,7 +19,7 @@ from sae_lens_scale.scale_sae import ScaleSAE, ScaleSAEConfig, ScaleTrainingSAE,
 from sae_lens_scale.switch_sae import SwitchSAE, SwitchSAEConfig, SwitchTrainingSAE, SwitchTrainingSAEConfig
 from sae_lens_scale.training_runner import OptimizedSAETrainingRunner
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 ARCHITECTURES: dict[
     str, tuple[type[RoutedSAE[Any]], type[RoutedSAEConfig], type[RoutedTrainingSAE[Any]], type[RoutedTrainingSAEConfig]]

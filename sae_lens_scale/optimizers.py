@@ -9,12 +9,13 @@ only the rows of the latents a step selected, and its gradients never exist at t
 
 from typing import Any, Literal, get_args
 
+from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAEConfig
 from sae_lens.training.optim import get_lr_scheduler
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Adam, Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from sae_lens_scale.routed_sae import RoutedTrainingSAE, RoutedTrainingSAEConfig
 from sae_lens_scale.routing import LocalExperts
@@ -50,17 +51,7 @@ def use_optimizer(trainer: SAETrainer[Any, Any], optimizer: OptimizerName) -> No
         return
     cfg = trainer.cfg
     replacement = row_sparse_adam(trainer) if optimizer == "adam_row_sparse" else fused_adam(trainer)
-    assert cfg.lr_end is not None  # set by the trainer config's __post_init__
-    schedule = get_lr_scheduler(
-        cfg.lr_scheduler_name,
-        lr=cfg.lr,
-        optimizer=replacement,
-        warm_up_steps=cfg.lr_warm_up_steps,
-        decay_steps=cfg.lr_decay_steps,
-        training_steps=cfg.total_training_steps,
-        lr_end=cfg.lr_end,
-        num_cycles=cfg.n_restart_cycles,
-    )
+    schedule = lr_schedule(cfg, replacement)
     # The state dict carries the moments, the step counts and each group's current lr, and also the implementation
     # flags of the Adam it came from: those are this one's.
     implementation = {key: replacement.defaults[key] for key in ("foreach", "fused") if key in replacement.defaults}
@@ -73,6 +64,21 @@ def use_optimizer(trainer: SAETrainer[Any, Any], optimizer: OptimizerName) -> No
     trainer.lr_scheduler = schedule
 
 
+def lr_schedule(cfg: SAETrainerConfig, optimizer: Optimizer) -> LRScheduler:
+    """The learning-rate schedule SAELens's trainer builds for its optimizer, for ``optimizer``."""
+    assert cfg.lr_end is not None  # set by the trainer config's __post_init__
+    return get_lr_scheduler(
+        cfg.lr_scheduler_name,
+        lr=cfg.lr,
+        optimizer=optimizer,
+        warm_up_steps=cfg.lr_warm_up_steps,
+        decay_steps=cfg.lr_decay_steps,
+        training_steps=cfg.total_training_steps,
+        lr_end=cfg.lr_end,
+        num_cycles=cfg.n_restart_cycles,
+    )
+
+
 def fused_adam(trainer: SAETrainer[Any, Any]) -> Optimizer:
     cfg = trainer.cfg
     try:
@@ -83,43 +89,35 @@ def fused_adam(trainer: SAETrainer[Any, Any]) -> Optimizer:
         ) from error
 
 
-def check_optimizer_choice(
-    optimizer: str, sae_cfg: TrainingSAEConfig, autocast: bool, expert_parallel: bool = False
-) -> None:
-    """Refuse, before anything is built, an optimizer that cannot train this SAE config in this setting."""
+def check_optimizer_choice(optimizer: str, sae_cfg: TrainingSAEConfig) -> None:
+    """Refuse, before anything is built, an optimizer that cannot train this SAE config."""
     check_optimizer_name(optimizer)
-    if optimizer != "adam_row_sparse":
-        return
-    if not isinstance(sae_cfg, RoutedTrainingSAEConfig):
+    if optimizer == "adam_row_sparse" and not isinstance(sae_cfg, RoutedTrainingSAEConfig):
         raise ValueError(
             f"optimizer='adam_row_sparse' steps the rows of a routed SAE's selected latents, and the SAE config is "
             f"{type(sae_cfg).__name__} ({sae_cfg.architecture()!r}): use optimizer='adam_fused', or a 'scale' or "
             "'switch' SAE."
         )
-    if expert_parallel:
-        raise ValueError(
-            "optimizer='adam_row_sparse' with expert_parallel=True is not supported: the experts' rows are "
-            "exchanged between ranks in the decode. Use optimizer='adam_fused' with expert_parallel."
-        )
-    if autocast:
-        raise ValueError(
-            "optimizer='adam_row_sparse' with autocast=True is not supported: its row gradients are computed in the "
-            "parameters' dtype. Set LanguageModelSAERunnerConfig.autocast=False, or use optimizer='adam_fused'."
-        )
 
 
 def row_sparse_adam(trainer: SAETrainer[Any, Any]) -> Optimizer:
-    """``RowSparseAdam`` over a routed SAE on one device or a data-parallel replica of one (its ``batch_parts``);
-    the SAE's backward then leaves its row-sparse gradients for it."""
+    """``RowSparseAdam`` over a routed SAE whose experts are all on this device, its gradients reduced over the SAE's
+    ``batch_parts``; the SAE's backward then leaves its row-sparse gradients for it."""
     sae, cfg = trainer.sae, trainer.cfg
-    expert_parallel = not isinstance(getattr(sae, "experts", None), LocalExperts)
-    check_optimizer_choice("adam_row_sparse", sae.cfg, cfg.autocast, expert_parallel)
+    check_optimizer_choice("adam_row_sparse", sae.cfg)
     assert isinstance(sae, RoutedTrainingSAE)
-    if isinstance(getattr(sae.training_forward_pass, "__self__", None), DistributedDataParallel):
+    if not isinstance(sae.experts, LocalExperts):
         raise ValueError(
-            "optimizer='adam_row_sparse' on an SAE whose training pass DistributedDataParallel replicates: DDP "
-            "would average gradients that RowSparseAdam averages itself. Replicate the SAE with "
-            "replicate_training_pass(sae, optimizer='adam_row_sparse')."
+            f"optimizer='adam_row_sparse' needs every expert on this device, and this SAE computes them with "
+            f"{type(sae.experts).__name__}: the row-sparse decode gathers the experts' rows here. Use "
+            "optimizer='adam_fused'."
+        )
+    if "training_forward_pass" in vars(sae):
+        raise ValueError(
+            "optimizer='adam_row_sparse' needs the SAE's own training pass, and sae.training_forward_pass was "
+            f"rerouted ({sae.training_forward_pass!r}: torch.compile with compile_sae=True, or a wrapper such as "
+            "DistributedDataParallel, which would average gradients this optimizer averages itself). Turn "
+            "compile_sae off; for data parallelism use DistributedSAETrainingRunner(cfg, optimizer='adam_row_sparse')."
         )
     named = dict(sae.named_parameters())
     row_dims: dict[Tensor, int] = {named[name]: dim for name, dim in sae.row_sparse_dims().items()}

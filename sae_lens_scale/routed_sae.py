@@ -359,7 +359,8 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
     ``training_forward_pass`` is the fast path: only routed experts are multiplied, the decode gathers k decoder rows
     per token, and the trainer gets its feature activations as a detached sparse COO tensor for its firing
     statistics. ``batch_parts`` says what the step's batch statistics span: this batch unless whoever built the SAE
-    chose otherwise.
+    chose otherwise. ``row_gradients``, set by whoever steps the SAE with ``RowSparseAdam``, is where the backward
+    leaves the gradients of the selected latents' rows instead of dictionary-sized ones.
     """
 
     bias_init_done: Tensor
@@ -369,7 +370,6 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
         self.hook_sae_acts_post = SparseHookPoint(self.cfg.d_sae)
         self.setup()
         self.batch_parts: BatchParts = WholeBatch()
-        # Set by whoever steps the SAE with RowSparseAdam: where the backward leaves the row-sparse gradients.
         self.row_gradients: RowGradients | None = None
         self.collapse_monitor = CollapseMonitor(
             cfg.n_experts,

@@ -243,7 +243,7 @@ class _SelectedPreactivations(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, values: Tensor, x: Tensor, C: Tensor | None, b: Tensor, rows: Tensor) -> Tensor:
         ctx.save_for_backward(x, C, rows)
-        ctx.n_rows = b.shape[0]
+        ctx.n_rows, ctx.dtype = b.shape[0], b.dtype
         return values.clone()
 
     @staticmethod
@@ -251,14 +251,15 @@ class _SelectedPreactivations(torch.autograd.Function):
         (grad,) = grad_outputs
         x, C, rows = ctx.saved_tensors
         grad_values = grad if ctx.needs_input_grad[0] else None
+        grad = grad.to(ctx.dtype)  # under autocast the values are 16-bit; the rows' gradients are the parameters'
         grad_b = grad.new_zeros(ctx.n_rows).index_add_(0, rows.flatten(), grad.flatten())
         grad_x = grad_C = None
         if C is not None:
-            grad_x = F.embedding_bag(rows, C, per_sample_weights=grad, mode="sum")
+            grad_x = F.embedding_bag(rows, C, per_sample_weights=grad, mode="sum").to(x.dtype)
             with torch.enable_grad():
                 leaf = C.detach().requires_grad_()
                 summed = F.embedding_bag(rows, leaf, per_sample_weights=grad.detach(), mode="sum")
-                (grad_C,) = torch.autograd.grad(summed, leaf, x)
+                (grad_C,) = torch.autograd.grad(summed, leaf, x.to(summed.dtype))
         return grad_values, grad_x, grad_C, grad_b, None
 
 

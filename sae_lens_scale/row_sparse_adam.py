@@ -99,9 +99,9 @@ class RowSparseAdam(Optimizer):
 
     ``row_dims`` maps a parameter to the dimension its rows run along (1 for the columns of ``W_enc``); those
     parameters' gradients arrive as row lists in ``gradients``, every other parameter's as a dense gradient there
-    (``RowGradients``). ``parts``: when the batch is split
-    over data-parallel replicas, each gradient is the mean over the parts, a row list over the union of the parts'
-    rows, so every replica takes the step one process would take with the whole batch.
+    (``RowGradients``). ``parts``: when the batch is one of several parts, each gradient is the mean over the parts,
+    a row list over the union of the parts' rows, so every part takes the step one process would take with the
+    whole batch.
     """
 
     def __init__(

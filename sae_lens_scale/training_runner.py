@@ -26,7 +26,7 @@ class OptimizedSAETrainingRunner(LanguageModelSAETrainingRunner):
         override_sae: TrainingSAE[Any] | None = None,
         optimizer: OptimizerName = "adam",
     ) -> None:
-        check_optimizer_choice(optimizer, cfg.sae, cfg.autocast)
+        check_optimizer_choice(optimizer, cfg.sae)
         self.optimizer_name: OptimizerName = optimizer
         super().__init__(
             cfg, override_dataset=override_dataset, override_model=override_model, override_sae=override_sae

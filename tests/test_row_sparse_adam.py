@@ -11,16 +11,16 @@ from sae_lens import LoggingConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
-from sae_lens.training.optim import get_lr_scheduler
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 from torch.optim import Optimizer
 from transformer_lens import HookedTransformer
 
 from sae_lens_scale import OptimizedSAETrainingRunner, ScaleTrainingSAEConfig, SwitchTrainingSAEConfig
-from sae_lens_scale.optimizers import OptimizerName, use_optimizer
+from sae_lens_scale.optimizers import OptimizerName, lr_schedule, use_optimizer
 from sae_lens_scale.parallel import DistributedSAETrainingRunner
 from sae_lens_scale.routed_sae import RoutedTrainingSAE
+from sae_lens_scale.row_sparse_adam import RowGradients
 from tests.support.builders import tiny_runner_config, tiny_sae_config
 
 D_IN, D_SAE, BATCH, STEPS = 16, 128, 24, 8
@@ -70,7 +70,9 @@ class RowByRowAdam(Optimizer):
                     rows[r] -= group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])
 
 
-def trainer_for(architecture: str, optimizer: OptimizerName | None, state: dict[str, Any] | None = None) -> SAETrainer:
+def trainer_for(
+    architecture: str, optimizer: OptimizerName | None, state: dict[str, Any] | None = None, autocast: bool = False
+) -> SAETrainer:
     """SAELens's trainer, a short dead-feature window so AuxK runs from the third step; ``optimizer=None`` gives it
     the reference above (with SAELens's dense backward and its own clip)."""
     torch.manual_seed(0)
@@ -83,6 +85,7 @@ def trainer_for(architecture: str, optimizer: OptimizerName | None, state: dict[
         lr_warm_up_steps=2,
         lr_decay_steps=3,
         dead_feature_window=1,
+        autocast=autocast,
         logger=LoggingConfig(log_to_wandb=False),
     )
     trainer = SAETrainer(cfg, sae, data_provider=iter([]))
@@ -92,18 +95,8 @@ def trainer_for(architecture: str, optimizer: OptimizerName | None, state: dict[
     if optimizer is None:
         assert isinstance(sae, RoutedTrainingSAE)
         reference = RowByRowAdam(sae, cfg.lr, (cfg.adam_beta1, cfg.adam_beta2))
-        assert cfg.lr_end is not None
         trainer.optimizer = reference  # type: ignore[assignment]
-        trainer.lr_scheduler = get_lr_scheduler(
-            cfg.lr_scheduler_name,
-            lr=cfg.lr,
-            optimizer=reference,
-            warm_up_steps=cfg.lr_warm_up_steps,
-            decay_steps=cfg.lr_decay_steps,
-            training_steps=cfg.total_training_steps,
-            lr_end=cfg.lr_end,
-            num_cycles=cfg.n_restart_cycles,
-        )
+        trainer.lr_scheduler = lr_schedule(cfg, reference)
     else:
         use_optimizer(trainer, optimizer)
     return trainer
@@ -134,6 +127,22 @@ def test_the_row_sparse_step_is_the_row_by_row_reference(architecture: str) -> N
     assert bool(reference.dead_neurons.any())  # AuxK ran on the later steps
     for name, tensor in reference.sae.state_dict().items():
         torch.testing.assert_close(row_sparse.sae.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("architecture", ["scale", "switch"])
+def test_under_bf16_autocast_the_row_sparse_step_follows_the_reference(architecture: str) -> None:
+    """SAELens's bf16 autocast: the candidates are 16-bit, the row gradients the parameters' float32. The two paths
+    round the encoder's gradient differently (16-bit grouped product against float32 rows), so the weights agree to
+    bf16 precision of the update, lr = 1e-2."""
+    reference = trainer_for(architecture, None, autocast=True)
+    row_sparse = trainer_for(architecture, "adam_row_sparse", autocast=True)
+    start = row_sparse.sae.W_dec.detach().clone()
+    train(reference, range(STEPS))
+    train(row_sparse, range(STEPS))
+    assert all(param.dtype == torch.float32 for param in row_sparse.sae.parameters())
+    moved = (row_sparse.sae.W_dec - start).abs().max()
+    for name, tensor in reference.sae.state_dict().items():
+        torch.testing.assert_close(row_sparse.sae.state_dict()[name], tensor, rtol=0, atol=0.1 * float(moved), msg=name)
 
 
 @pytest.mark.parametrize("architecture", list(CONFIGS))
@@ -214,16 +223,23 @@ def test_unsupported_combinations_are_refused_before_any_step() -> None:
     )
     with pytest.raises(ValueError, match=r"the SAE config is TopKTrainingSAEConfig \('topk'\)"):
         use_optimizer(SAETrainer(cfg, topk, data_provider=iter([])), "adam_row_sparse")
-    switch = TrainingSAE.from_dict(CONFIGS["switch"].to_dict())
-    autocast = SAETrainerConfig(
+
+
+def test_a_rerouted_training_pass_is_refused() -> None:
+    """A wrapper of the pass (torch.compile, DDP) would not see the row gradients this optimizer reduces itself."""
+    sae = TrainingSAE.from_dict(CONFIGS["switch"].to_dict())
+    own_pass = sae.training_forward_pass
+    sae.training_forward_pass = lambda step_input: own_pass(step_input)  # type: ignore[method-assign]
+    cfg = SAETrainerConfig(
         total_training_samples=BATCH,
         train_batch_size_samples=BATCH,
         lr_end=1e-4,
-        autocast=True,
         logger=LoggingConfig(log_to_wandb=False),
     )
-    with pytest.raises(ValueError, match=r"optimizer='adam_row_sparse' with .*autocast=True is not supported"):
-        use_optimizer(SAETrainer(autocast, switch, data_provider=iter([])), "adam_row_sparse")
+    with pytest.raises(
+        ValueError, match=r"needs the SAE's own training pass, and sae.training_forward_pass was rerouted"
+    ):
+        use_optimizer(SAETrainer(cfg, sae, data_provider=iter([])), "adam_row_sparse")
 
 
 def test_the_runners_refuse_an_unsupported_combination_when_built(
@@ -239,3 +255,42 @@ def test_the_runners_refuse_an_unsupported_combination_when_built(
     switch = tiny_runner_config(tiny_sae_config("switch"), Path("unused"))
     with pytest.raises(ValueError, match=r"'adam_row_sparse' with expert_parallel=True is not supported"):
         DistributedSAETrainingRunner(switch, expert_parallel=True, optimizer="adam_row_sparse")
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("architecture", list(CONFIGS))
+def test_the_row_gradients_are_the_dense_gradient_s_nonzero_rows(architecture: str, device: str) -> None:
+    """One step with AuxK (a third of the latents dead): the row lists hold exactly the dense backward's rows, every
+    other row of it is zero, and the other parameters' gradients are the dense backward's."""
+    config = CONFIGS[architecture].to_dict() | {"device": device}
+    saes = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        saes.append(TrainingSAE.from_dict(config))
+    dense, row_sparse = saes
+    assert isinstance(row_sparse, RoutedTrainingSAE)
+    x = batches()[0].to(device)
+    dead = torch.rand(D_SAE, generator=torch.Generator().manual_seed(2)).lt(1 / 3).to(device)
+    step = TrainStepInput(x, {}, dead, n_training_steps=1, is_logging_step=False)
+    dense.training_forward_pass(step).loss.backward()
+    named = dict(row_sparse.named_parameters())
+    dims = row_sparse.row_sparse_dims()
+    row_sparse.row_gradients = RowGradients(param for name, param in named.items() if name not in dims)
+    row_sparse.training_forward_pass(step).loss.backward()
+    assert row_sparse.row_gradients is not None
+    for name, param in dense.named_parameters():
+        assert param.grad is not None
+        if name not in dims:
+            torch.testing.assert_close(row_sparse.row_gradients.dense[named[name]], param.grad, msg=name)
+            continue
+        gradient = row_sparse.row_gradients.take_rows(named[name])
+        assert gradient is not None
+        full = param.grad.movedim(dims[name], 0)
+        torch.testing.assert_close(gradient.values, full[gradient.rows], rtol=1e-5, atol=1e-6, msg=name)
+        others = torch.ones(full.shape[0], dtype=torch.bool, device=device)
+        others[gradient.rows] = False
+        assert float(full[others].abs().max()) == 0.0, name
+        assert 0 < gradient.rows.numel() < D_SAE, name

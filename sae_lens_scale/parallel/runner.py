@@ -109,7 +109,12 @@ class DistributedSAETrainingRunner(OptimizedSAETrainingRunner):
                 f"expert_parallel=True builds each rank's share of a fresh SAE, so it cannot also take {given}: "
                 "resume an expert-parallel run with resume_from_checkpoint, or train that SAE without expert_parallel."
             )
-        check_optimizer_choice(optimizer, cfg.sae, cfg.autocast, expert_parallel)
+        check_optimizer_choice(optimizer, cfg.sae)
+        if expert_parallel and optimizer == "adam_row_sparse":
+            raise ValueError(
+                "optimizer='adam_row_sparse' with expert_parallel=True is not supported: the experts' rows are "
+                "exchanged between ranks in the decode. Use optimizer='adam_fused' with expert_parallel."
+            )
         self.expert_parallel = expert_parallel
         self.rank, self.world_size = join_process_group(cfg.device, timeout)
         rank_device(cfg.device)  # before the first collective: NCCL runs it on the current GPU
