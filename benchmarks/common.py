@@ -79,6 +79,10 @@ def expert_matmul_path(device: str, dtype: torch.dtype, d_in: int = 768, expert_
 # The speed benchmarks: SAELens's own training step, timed, and its memory.
 
 
+# What a SAE without a routed training pass (TopK, the dense MoE) trains with in an optimizer's place.
+DENSE_FALLBACK: dict[str, OptimizerName] = {"adam_row_sparse": "adam_fused"}
+
+
 @dataclass(frozen=True)
 class Shape:
     """One timed configuration: the SAE's sizes, the batch, how many steps the median takes, where it runs."""

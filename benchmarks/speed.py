@@ -30,6 +30,7 @@ from sae_lens_scale.optimizers import OPTIMIZERS, OptimizerName
 from sae_lens_scale.routing import expert_counts, load_balance_loss, select_experts
 
 from common import (
+    DENSE_FALLBACK,
     Shape,
     floor_seconds,
     in_fresh_process,
@@ -60,9 +61,6 @@ class DenseScaleTrainingSAE(ScaleTrainingSAE):
         counts = expert_counts(routing.experts, cfg.n_experts)
         balance = cfg.load_balance_coefficient * cfg.d_in * load_balance_loss(routing.probs, counts / counts.sum())
         return TrainStepOutput(sae_in, sae_out, acts, pre, mse + balance, {"mse_loss": mse, "balance": balance})
-
-
-DENSE_FALLBACK: dict[str, OptimizerName] = {"adam_row_sparse": "adam_fused"}
 
 
 class Contender(NamedTuple):

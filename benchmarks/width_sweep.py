@@ -32,6 +32,7 @@ from sae_lens_scale import ScaleTrainingSAE, ScaleTrainingSAEConfig, SwitchTrain
 from sae_lens_scale.optimizers import OPTIMIZERS, OptimizerName
 
 from common import (
+    DENSE_FALLBACK,
     Shape,
     floor_seconds,
     in_fresh_process,
@@ -47,7 +48,6 @@ D_IN, K = 768, 32
 BATCH = {"cpu": 1024, "cuda": 4096}  # on the CPU, TopK's dense [batch, d_sae] tensors must fit in 24 GiB at 262,144
 WIDTHS = (24_576, 65_536, 131_072, 262_144, 524_288, 1_048_576)
 ARCHITECTURES = ("TopK", "Switch", "Scale e=2")
-DENSE_FALLBACK: dict[str, OptimizerName] = {"adam_row_sparse": "adam_fused"}  # what TopK takes in its place
 SLOW_STEP_SECONDS = 20.0  # past this, a contender is timed over one step after its warm-up
 
 

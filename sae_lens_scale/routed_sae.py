@@ -423,12 +423,12 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
     def training_encoding(self, sae_in: Tensor) -> TrainingEncoding:
         """What a training step decodes its selections from. With ``row_gradients`` the encoder and ``b_enc``
         reach a selection's pre-activations through its rows only (``decode_selection``)."""
-        if self.row_gradients is None:
-            routing, candidates, route, centered = self.routed_candidates(sae_in, self.b_enc)
-            return TrainingEncoding(routing, candidates, route, centered, self.decoder_row_norms())
-        encoder_grad = "W_enc" not in self.row_sparse_dims()
-        routing, candidates, route, centered = self.routed_candidates(sae_in, self.b_enc.detach(), encoder_grad)
-        return TrainingEncoding(routing, candidates, route, centered, None)
+        row_sparse = self.row_gradients is not None
+        b_enc = self.b_enc.detach() if row_sparse else self.b_enc
+        encoder_grad = not row_sparse or "W_enc" not in self.row_sparse_dims()
+        routing, candidates, route, centered = self.routed_candidates(sae_in, b_enc, encoder_grad)
+        norms = None if row_sparse else self.decoder_row_norms()
+        return TrainingEncoding(routing, candidates, route, centered, norms)
 
     def decode_selection(self, values: Tensor, index: Tensor, encoding: TrainingEncoding) -> tuple[SparseCode, Tensor]:
         """The code of the candidates at ``index`` with pre-activations ``values``, and its decode (no bias).
@@ -444,9 +444,8 @@ class RoutedTrainingSAE(RoutedSAE[T_ROUTED_TRAINING_CONFIG], TrainingSAE[T_ROUTE
             return code, encoding.route.decode(code, self.W_dec, encoding.decoder_row_norms)
         latents = selected_latents(index, encoding.routing, expert_width)
         rows, inverse = torch.unique(latents, return_inverse=True)
+        # Without Feature Scaling the candidates carry no encoder gradient: the encoder's rows give it here.
         encoder_rows = gather_rows(self.W_enc, rows, 1, gradients) if "W_enc" in self.row_sparse_dims() else None
-        if encoder_rows is not None:
-            values = values.detach()
         bias_rows = gather_rows(self.b_enc, rows, 0, gradients)
         values = selected_preactivations(values, encoding.centered, encoder_rows, bias_rows, inverse)
         code = gated_code(values, index, encoding.routing, expert_width)
