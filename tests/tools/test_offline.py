@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from sae_lens import HookedSAETransformer
 from sae_lens.evals import get_special_token_ids
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -120,6 +121,25 @@ def test_cold_cache_is_written_atomically_and_reused(monkeypatch: pytest.MonkeyP
     assert len(exports) == 1
     assert [path.name for path in tmp_path.iterdir()] == [folder.name]
     assert (folder / "config.json").read_text() == "{}"
+
+
+def test_a_folder_another_transformers_major_version_wrote_is_never_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """transformers 4 cannot load 5's tokenizer files and reads their rotary settings as defaults, so each major
+    version converts its own folder, saying so in one line."""
+    major = int(transformers.__version__.split(".")[0])
+    other = tmp_path / f"SmolLM2-135M-Instruct.Q4_1-hf-v1-transformers{9 - major}"
+    other.mkdir()
+    monkeypatch.setattr(offline, "_export_gguf_as_hf_folder", lambda gguf_path, folder: None)
+    folder = smollm2_hf_dir(tmp_path)
+    assert folder.name == f"SmolLM2-135M-Instruct.Q4_1-hf-v1-transformers{major}"
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([folder.name, other.name])
+    notice = capsys.readouterr().err.strip().splitlines()
+    assert len(notice) == 1
+    assert f"for transformers {transformers.__version__} into {folder}" in notice[0]
+    smollm2_hf_dir(tmp_path)
+    assert capsys.readouterr().err == ""  # a warm cache converts nothing and says nothing
 
 
 @pytest.mark.slow
