@@ -1,7 +1,8 @@
 """The main job: train, evaluate, save, reload and plot a Scale (or Switch) SAE on a real LM's activations.
 
-Everything goes through SAELens's unchanged path (``LanguageModelSAETrainingRunner``, ``run_evals``,
-``SAE.load_from_disk``), so the demo doubles as an end-to-end check of the plugin. The default model and text
+Everything goes through SAELens's unchanged path (``LanguageModelSAETrainingRunner``, here as
+``OptimizedSAETrainingRunner``, which only picks the optimizer; ``run_evals``; ``SAE.load_from_disk``), so the demo
+doubles as an end-to-end check of the plugin. The default model and text
 install from package registries (``sae_lens_scale.tools.offline``); any TransformerLens model name and Hugging Face
 dataset path work too for users who can reach the Hub.
 
@@ -23,7 +24,7 @@ from typing import Any, Literal, get_args
 
 import torch
 from datasets import Dataset
-from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from sae_lens import SAE, LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
@@ -31,12 +32,14 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from sae_lens_scale import metrics
+from sae_lens_scale.optimizers import OptimizerName
 from sae_lens_scale.routed_sae import RoutedTrainingSAEConfig
 from sae_lens_scale.scale_sae import FeatureScaling, ScaleTrainingSAEConfig
 from sae_lens_scale.switch_sae import SwitchTrainingSAEConfig
 from sae_lens_scale.tools import plots
 from sae_lens_scale.tools.offline import SMOLLM2_MODEL_NAME
 from sae_lens_scale.tools.sources import BUNDLED_MODEL, hook_activations, load_model, token_splits
+from sae_lens_scale.training_runner import OptimizedSAETrainingRunner
 from sae_lens_scale.validation import fail, require_choice, require_int, require_number
 
 Architecture = Literal["scale", "switch"]
@@ -106,6 +109,8 @@ class DemoConfig:
     """tokens per training step"""
     lr: float = 1e-3
     """Adam learning rate"""
+    optimizer: OptimizerName = "adam_fused"
+    """adam (SAELens's), adam_fused (the same Adam, fused) or adam_row_sparse"""
     heldout_fraction: float = 0.1
     """fraction of the dataset's documents held out for evaluation"""
     eval_batches: int = 4
@@ -118,6 +123,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         require_choice(self, "architecture", get_args(Architecture))
         require_choice(self, "feature_scaling", get_args(FeatureScaling))
+        require_choice(self, "optimizer", get_args(OptimizerName))
         for name in ("n_experts", "k", "d_sae", "context_size", "eval_batches"):
             require_int(self, name, minimum=1)
         if self.n_active_experts is not None:
@@ -242,7 +248,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     )
     runner_cfg = runner_config(cfg, model.cfg.d_model, output)
     with expected_sae_lens_notices_hidden():
-        runner = LanguageModelSAETrainingRunner(runner_cfg, override_dataset=train, override_model=model)
+        runner = OptimizedSAETrainingRunner(
+            runner_cfg, override_dataset=train, override_model=model, optimizer=cfg.optimizer
+        )
         recorder = LossRecorder()
         with runner.sae.hooks(fwd_hooks=recorder.fwd_hooks):
             sae = runner.run()
