@@ -4,6 +4,7 @@ benchmarks' trainer, timing, memory and fresh-process helpers, and the quality b
 A plain module next to the scripts: ``python benchmarks/<script>.py`` puts this folder on ``sys.path``.
 """
 
+import itertools
 import json
 import os
 import platform
@@ -14,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,10 @@ from torch.multiprocessing.spawn import start_processes
 
 from sae_lens_scale.optimizers import OptimizerName, use_optimizer
 from sae_lens_scale.parallel.process_group import join_process_group
+from sae_lens_scale.routed_sae import RoutedTrainingSAE
 from sae_lens_scale.routing import expert_matmul
 from sae_lens_scale.row_sparse_adam import RowSparseAdam
+from sae_lens_scale.training_guards import geometric_median
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -259,16 +262,34 @@ class QualityConfig:
     k: int
     seeds: tuple[int, ...]
     ce_batches: int
+    ce_batch_prompts: int = 8  # token rows per CE-loss batch (the loss runs the whole model three times per batch)
     hook: str = "blocks.6.hook_resid_post"
     context_size: int = 128
     batch: int = 1024
     lr: float = 1e-3
     n_experts_scale: int = 32
+    active_experts: tuple[int, ...] = (2, 4, 8)  # Scale's e values, each with Feature Scaling
+    without_feature_scaling: tuple[int, ...] = (2, 4, 8)  # the e values trained without it as well
+    switch_experts: tuple[int, ...] = (16, 32)  # n/2 (Scale e=2's active width) and n (its experts)
+    gated_l0_target: float | None = None  # a Gated SAE at the total width, its L1 coefficient set for this L0
     epochs: int = 1  # passes over the cached training tokens, in the same order each time
 
 
 QUALITY_QUICK = QualityConfig(train_tokens=147_456, heldout_tokens=8192, d_sae=2304, k=32, seeds=(0,), ce_batches=1)
 QUALITY_FULL = QualityConfig(train_tokens=819_200, heldout_tokens=16_384, d_sae=4608, k=32, seeds=(0, 1), ce_batches=2)
+# The Scale SAE paper's setting: 24,576 latents, 64 experts, e up to 16, its Gated baseline. One seed and half the
+# tokens, so that its 17 SAEs train in about an hour and a half on a 2-core CPU.
+PAPER_WIDTH = replace(
+    QUALITY_FULL,
+    train_tokens=409_600,
+    d_sae=24_576,
+    seeds=(0,),
+    n_experts_scale=64,
+    active_experts=(2, 4, 8, 16),
+    without_feature_scaling=(2, 16),
+    switch_experts=(32, 64),
+    gated_l0_target=32.0,
+)
 
 
 # The functions below import sae_lens_scale.tools (the model and text tooling) when called: imported with this module,
@@ -325,14 +346,18 @@ def batches(train: torch.Tensor, batch: int, scale: float, seed: int) -> Iterato
 
 
 def trainer_config(cfg: QualityConfig, dead_window_fraction: float = DEAD_WINDOW_FRACTION) -> SAETrainerConfig:
-    """The one schedule every SAE trains with: warm-up over the first 1/20 of the steps, decay to lr / 10 over the
-    last 1/5, AuxK's dead-latent window a fraction of the run."""
-    steps = cfg.train_tokens * cfg.epochs // cfg.batch
+    """The quality run's schedule over its passes of the cached tokens."""
+    return schedule(cfg.train_tokens * cfg.epochs // cfg.batch, cfg.batch, cfg.lr, dead_window_fraction)
+
+
+def schedule(steps: int, batch: int, lr: float, dead_window_fraction: float = DEAD_WINDOW_FRACTION) -> SAETrainerConfig:
+    """The one schedule every benchmarked SAE trains with: warm-up over the first 1/20 of the steps, decay to lr / 10
+    over the last 1/5, AuxK's dead-latent window a fraction of the run."""
     return SAETrainerConfig(
-        total_training_samples=steps * cfg.batch,
-        train_batch_size_samples=cfg.batch,
-        lr=cfg.lr,
-        lr_end=cfg.lr / 10,
+        total_training_samples=steps * batch,
+        train_batch_size_samples=batch,
+        lr=lr,
+        lr_end=lr / 10,
         lr_warm_up_steps=steps // 20,
         lr_decay_steps=steps // 5,
         dead_feature_window=max(1, round(steps * dead_window_fraction)),
@@ -341,15 +366,42 @@ def trainer_config(cfg: QualityConfig, dead_window_fraction: float = DEAD_WINDOW
     )
 
 
+def train_sae(
+    sae: TrainingSAE[Any], stream: Iterator[torch.Tensor], cfg: SAETrainerConfig, optimizer: OptimizerName = "adam"
+) -> float:
+    """Train with SAELens's trainer on ``stream``; returns the seconds it took.
+
+    The routed SAEs set ``b_dec`` and ``b_router`` from the first batch themselves (``bias_init``); SAELens's TopK
+    gets the same start here, so every SAE begins centred on the same point.
+    """
+    if not isinstance(sae, RoutedTrainingSAE):
+        first = next(stream)
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(first.double()))
+        stream = itertools.chain([first], stream)
+    started = time.perf_counter()
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=stream)
+    use_optimizer(trainer, optimizer)
+    trainer.fit()
+    return time.perf_counter() - started
+
+
 @torch.no_grad()
 def reconstruction(sae: SAE[Any], acts: torch.Tensor) -> dict[str, float]:
-    """Per-token SSE and FVU (1 - explained variance) on raw activations, plus latents that never fired."""
+    """Per-token SSE and FVU (1 - explained variance) on raw activations, latents that never fired, and mean L0."""
     acts = acts.float()
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     sse = 0.0
+    active = 0
     for chunk in acts.split(4096):
         feature_acts = sae.encode(chunk)
         fired |= (feature_acts != 0).any(0)
+        active += int((feature_acts != 0).sum())
         sse += (sae.decode(feature_acts) - chunk).pow(2).sum().item()
     variance = (acts - acts.mean(0)).pow(2).sum().item()
-    return {"sse_per_token": sse / acts.shape[0], "fvu": sse / variance, "dead_latents": int((~fired).sum())}
+    return {
+        "sse_per_token": sse / acts.shape[0],
+        "fvu": sse / variance,
+        "dead_latents": int((~fired).sum()),
+        "l0": active / acts.shape[0],
+    }

@@ -13,18 +13,22 @@ Evaluated on held-out Shakespeare (in-domain) and the Python documentation (cros
 ``run_evals`` CE loss score, dead latents, redundancy and activation similarity, plus training time and FLOPs.
 
 Layer: ``blocks.6.hook_resid_post`` of SmolLM2's 30 blocks. Harvesting costs one forward through every block up to
-the hook, so an early layer keeps the full benchmark inside its time budget on a 2-core CPU; deeper layers of this
-model also carry massive-activation dimensions (values near 23,000 from block 11 on) that dominate any MSE.
+the hook, so an early layer keeps the full benchmark inside its time budget on a 2-core CPU. ``--layers`` repeats the
+headline rows at ``blocks.18.hook_resid_post`` as well, where this model carries massive-activation dimensions
+(values in the thousands from block 11 on) that dominate any MSE.
 
     python benchmarks/quality.py --quick    # a smaller comparison (half the width, 18 % of the tokens, one seed)
     python benchmarks/quality.py            # the full comparison
     python benchmarks/quality.py --curves   # learning curves: 4 SAEs, 4 passes, held-out FVU every 1/8 pass
+    python benchmarks/quality.py --paper-width   # 24,576 latents, 64 experts, e up to 16, Gated (and --quick)
+    python benchmarks/quality.py --layers   # the headline SAEs on layer 6 and on layer 18, one seed (and --quick)
     python benchmarks/quality.py --optimizers adam adam_fused adam_row_sparse   # the headline SAEs per optimizer
     python benchmarks/quality.py --quick --optimizers adam adam_fused adam_row_sparse   # the same, 2 seeds
 """
 
 import argparse
-import itertools
+import bisect
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
@@ -34,22 +38,22 @@ from typing import Any, NamedTuple
 import torch
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.gated_sae import GatedTrainingSAEConfig
 from sae_lens.saes.sae import SAE, SAEMetadata, TrainingSAE, TrainingSAEConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
-from sae_lens.training.sae_trainer import SAETrainer
 from tqdm import tqdm
 
 from sae_lens_scale import ScaleTrainingSAEConfig, SwitchTrainingSAEConfig, metrics
 from sae_lens_scale.flops import flops_matched_topk_width, routed_flops, topk_flops
-from sae_lens_scale.optimizers import OPTIMIZERS, OptimizerName, use_optimizer
+from sae_lens_scale.optimizers import OPTIMIZERS, OptimizerName
 from sae_lens_scale.routed_sae import RoutedTrainingSAE
 from sae_lens_scale.scale_sae import FeatureScaling
 from sae_lens_scale.tools.sources import BUNDLED_MODEL
-from sae_lens_scale.training_guards import geometric_median
 
 from common import (
+    PAPER_WIDTH,
     QUALITY_FULL,
     QUALITY_QUICK,
     RESULTS,
@@ -61,6 +65,7 @@ from common import (
     model_and_rows,
     reconstruction,
     result_file,
+    train_sae,
     trainer_config,
     write_results,
 )
@@ -73,9 +78,12 @@ CURVE_POINTS_PER_PASS = 8
 # width-matched TopK, the slowest, runs one seed: its optimizers are exact Adam either way.
 OPTIMIZER_NAMES = ("Scale 32/e=2", "Switch 16", "TopK (FLOPs-matched to Scale 32/e=2)", "TopK (width-matched)")
 ONE_SEED = ("TopK (width-matched)",)
-HEADLINE = (
+# A second setting: the rows every claim at e = 2 needs, on layer 6 and on a later layer, in one run.
+LAYER_HOOKS = ("blocks.6.hook_resid_post", "blocks.18.hook_resid_post")
+LAYER_NAMES = (
     "Scale 32/e=2",
     "Scale 32/e=2 no FS",
+    "Switch 16",
     "Switch 32",
     "TopK (width-matched)",
     "TopK (FLOPs-matched to Scale 32/e=2)",
@@ -100,11 +108,13 @@ def contenders(cfg: QualityConfig, d_in: int) -> list[Contender]:
         return TopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k, decoder_init_norm=1.0)
 
     routed: list[tuple[str, str, TrainingSAEConfig, int, int]] = []
-    for n in (16, 32):
+    for n in cfg.switch_experts:
         routed.append((f"Switch {n}", "switch", SwitchTrainingSAEConfig(d_in=d_in, d_sae=M, n_experts=n, k=k), n, 1))
     n = cfg.n_experts_scale
-    scalings: tuple[tuple[FeatureScaling, str], ...] = (("mean", ""), ("none", " no FS"))
-    for e in (2, 4, 8):
+    for e in cfg.active_experts:
+        scalings: list[tuple[FeatureScaling, str]] = [("mean", "")]
+        if e in cfg.without_feature_scaling:
+            scalings.append(("none", " no FS"))
         for scaling, suffix in scalings:
             config = ScaleTrainingSAEConfig(
                 d_in=d_in, d_sae=M, n_experts=n, n_active_experts=e, k=k, feature_scaling=scaling
@@ -126,24 +136,106 @@ def contenders(cfg: QualityConfig, d_in: int) -> list[Contender]:
     return rows
 
 
-def train_sae(
-    sae: TrainingSAE[Any], stream: Iterator[torch.Tensor], cfg: QualityConfig, optimizer: OptimizerName = "adam"
-) -> float:
-    """Train with SAELens's trainer on ``stream``; returns the seconds it took.
+def headline(cfg: QualityConfig) -> tuple[str, ...]:
+    """The rows the claims rest on, trained with every seed: Scale e=2 with and without Feature Scaling, Switch with
+    Scale's experts, and both TopK baselines."""
+    n = cfg.n_experts_scale
+    return (f"Scale {n}/e=2", f"Scale {n}/e=2 no FS", f"Switch {n}", "TopK (width-matched)", matched_name(n, 2))
 
-    The routed SAEs set ``b_dec`` and ``b_router`` from the first batch themselves (``bias_init``); SAELens's TopK
-    gets the same start here, so every SAE begins centred on the same point.
+
+def matched_name(n_experts: int, e: int) -> str:
+    return f"TopK (FLOPs-matched to Scale {n_experts}/e={e})"
+
+
+def gated(cfg: QualityConfig, d_in: int, l1_coefficient: float) -> Contender:
+    """SAELens's Gated SAE at the total width: the paper's third baseline, whose L0 its L1 coefficient sets."""
+    config = GatedTrainingSAEConfig(d_in=d_in, d_sae=cfg.d_sae, l1_coefficient=l1_coefficient)
+    return Contender(
+        f"Gated (L0 target {cfg.gated_l0_target:g})", "gated", config, topk_flops(d_in, cfg.d_sae, 1).encoder
+    )
+
+
+def read_off(tried: list[dict[str, float]], known: str, wanted: str, value: float) -> float:
+    """``wanted`` at ``known`` = ``value`` on the tries' curve, linear in log-log between the two neighbouring tries
+    (or the two end ones, outside the tried range)."""
+    points = sorted((math.log(entry[known]), math.log(entry[wanted])) for entry in tried)
+    x = math.log(value)
+    i = min(max(bisect.bisect(points, (x,)), 1), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return math.exp(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+def gated_l1_coefficient(
+    cfg: QualityConfig, train: torch.Tensor, heldout: torch.Tensor, scale: float, tries: int = 8
+) -> list[dict[str, float]]:
+    """Short Gated runs, each with the full run's steps on an eighth of its batch, that bracket the L0 target.
+
+    L0 keeps falling as training goes on, so a try with fewer steps would overshoot. The search steps by 10x until
+    the target is bracketed, then interpolates, and stops within 5 % (after two tries at least, so that the
+    curve has a slope).
     """
-    if not isinstance(sae, RoutedTrainingSAE):
-        first = next(stream)
-        with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(first.double()))
-        stream = itertools.chain([first], stream)
-    started = time.perf_counter()
-    trainer = SAETrainer(cfg=trainer_config(cfg), sae=sae, data_provider=stream)
-    use_optimizer(trainer, optimizer)
-    trainer.fit()
-    return time.perf_counter() - started
+    target = cfg.gated_l0_target
+    assert target is not None
+    short = replace(cfg, train_tokens=cfg.train_tokens // 8, batch=cfg.batch // 8)
+    coefficient = 1.0
+    tried: list[dict[str, float]] = []
+    for _ in tqdm(range(tries), desc="Gated L1 coefficient"):
+        torch.manual_seed(0)
+        sae = gated(cfg, train.shape[1], coefficient).make()
+        train_sae(sae, batches(train, short.batch, scale, seed=0), trainer_config(short))
+        l0 = max(mean_l0(sae, heldout * scale), 1e-3)
+        tried.append({"l1_coefficient": coefficient, "l0": l0})
+        if abs(l0 / target - 1) <= 0.05 and len(tried) > 1:
+            break
+        l0s = [entry["l0"] for entry in tried]
+        if min(l0s) < target < max(l0s):
+            coefficient = read_off(tried, "l0", "l1_coefficient", target)
+        else:
+            coefficient *= 10.0 if l0 > target else 0.1
+    return tried
+
+
+def train_gated(
+    cfg: QualityConfig, train: torch.Tensor, heldout: torch.Tensor, scale: float, attempts: int = 3
+) -> tuple[TrainingSAE[Any], float, dict[str, Any]]:
+    """The Gated SAE trained in full, with the coefficient whose held-out L0 came nearest the target.
+
+    A full run's L0 differs from the short tries' at the same coefficient. The first full run measures by how much
+    and aims the short tries' curve that much off; later ones interpolate between the full runs themselves. It stops
+    within 10 % of the target.
+    """
+    target = cfg.gated_l0_target
+    assert target is not None
+    tried = gated_l1_coefficient(cfg, train, heldout, scale)
+    l0s = [entry["l0"] for entry in tried]
+    if not min(l0s) <= target <= max(l0s):
+        raise RuntimeError(f"no Gated L1 coefficient tried brackets the L0 target {target:g}: {tried}")
+    coefficient = read_off(tried, "l0", "l1_coefficient", target)
+    full_runs: list[dict[str, float]] = []
+    saes: list[TrainingSAE[Any]] = []
+    for _ in range(attempts):
+        torch.manual_seed(0)
+        sae = gated(cfg, train.shape[1], coefficient).make()
+        seconds = train_sae(sae, batches(train, cfg.batch, scale, seed=0), trainer_config(cfg))
+        l0 = mean_l0(sae, heldout * scale)
+        full_runs.append({"l1_coefficient": coefficient, "l0": l0, "train_seconds": seconds})
+        saes.append(sae)
+        if abs(l0 / target - 1) <= 0.1:
+            break
+        if len(full_runs) == 1:
+            short_l0 = read_off(tried, "l1_coefficient", "l0", coefficient)
+            coefficient = read_off(tried, "l0", "l1_coefficient", target * short_l0 / l0)
+        else:
+            coefficient = read_off(full_runs, "l0", "l1_coefficient", target)
+    nearest = min(range(len(full_runs)), key=lambda i: abs(math.log(full_runs[i]["l0"] / target)))
+    chosen = full_runs[nearest]
+    calibration = {"l1_coefficient": chosen["l1_coefficient"], "short_tries": tried, "full_runs": full_runs}
+    return saes[nearest], chosen["train_seconds"], calibration
+
+
+@torch.no_grad()
+def mean_l0(sae: SAE[Any], acts: torch.Tensor) -> float:
+    return torch.cat([(sae.encode(chunk) != 0).sum(-1).float() for chunk in acts.float().split(4096)]).mean().item()
 
 
 def ce_loss_score(sae: SAE[Any], model: Any, rows: Any, cfg: QualityConfig) -> float:
@@ -151,7 +243,9 @@ def ce_loss_score(sae: SAE[Any], model: Any, rows: Any, cfg: QualityConfig) -> f
     store = ActivationsStore.from_sae(
         model, sae, rows, context_size=cfg.context_size, streaming=False, sequence_separator_token=None
     )
-    eval_cfg = EvalConfig(batch_size_prompts=8, n_eval_reconstruction_batches=cfg.ce_batches, compute_ce_loss=True)
+    eval_cfg = EvalConfig(
+        batch_size_prompts=cfg.ce_batch_prompts, n_eval_reconstruction_batches=cfg.ce_batches, compute_ce_loss=True
+    )
     scalars, _ = run_evals(sae, store, model, ActivationScaler(), eval_cfg, exclude_special_tokens=False)
     return scalars["model_performance_preservation"]["ce_loss_score"]
 
@@ -187,29 +281,36 @@ def run(cfg: QualityConfig, cache: Path, names: set[str] | None = None) -> dict[
     d_in = train.shape[1]
     scale = activation_scale(train)
     rows = []
-    chosen = [c for c in contenders(cfg, d_in) if names is None or c.name in names]
-    for contender in tqdm(chosen, desc="SAEs"):
-        seeds = cfg.seeds if contender.name in HEADLINE else cfg.seeds[:1]
-        for seed in seeds:
+
+    def record(contender: Contender, seed: int, sae: TrainingSAE[Any], seconds: float) -> None:
+        rows.append(
+            {
+                "name": contender.name,
+                "family": contender.family,
+                "seed": seed,
+                "d_sae": sae.cfg.d_sae,
+                "encoder_flops_per_token": contender.encoder_flops,
+                "train_seconds": seconds,
+                **evaluate(sae, scale, acts, model, datasets, cfg),
+            }
+        )
+
+    calibration = None
+    if cfg.gated_l0_target is not None and names is None:  # first: its calibration is the step that can fail
+        sae, seconds, calibration = train_gated(cfg, train, acts["heldout"].float(), scale)
+        record(gated(cfg, d_in, calibration["l1_coefficient"]), 0, sae, seconds)
+    for contender in tqdm([c for c in contenders(cfg, d_in) if names is None or c.name in names], desc="SAEs"):
+        for seed in cfg.seeds if contender.name in headline(cfg) else cfg.seeds[:1]:
             torch.manual_seed(seed)
             sae = contender.make()
-            seconds = train_sae(sae, batches(train, cfg.batch, scale, seed=0), cfg)
-            rows.append(
-                {
-                    "name": contender.name,
-                    "family": contender.family,
-                    "seed": seed,
-                    "d_sae": sae.cfg.d_sae,
-                    "encoder_flops_per_token": contender.encoder_flops,
-                    "train_seconds": seconds,
-                    **evaluate(sae, scale, acts, model, datasets, cfg),
-                }
-            )
+            record(contender, seed, sae, train_sae(sae, batches(train, cfg.batch, scale, seed=0), trainer_config(cfg)))
     return {
         "config": asdict(cfg),
         "d_in": d_in,
         "activation_scale": scale,
+        "activation_max": train.abs().max().item(),
         "tokens": {split: tensor.shape[0] for split, tensor in acts.items()},
+        "gated_calibration": calibration,
         "rows": rows,
     }
 
@@ -233,7 +334,7 @@ def run_optimizers(cfg: QualityConfig, cache: Path, optimizers: list[OptimizerNa
         for seed in cfg.seeds[:1] if contender.name in ONE_SEED else cfg.seeds:
             torch.manual_seed(seed)
             sae = contender.make()
-            seconds = train_sae(sae, batches(train, cfg.batch, scale, seed=0), cfg, optimizer)
+            seconds = train_sae(sae, batches(train, cfg.batch, scale, seed=0), trainer_config(cfg), optimizer)
             rows.append(
                 {
                     "name": contender.name,
@@ -247,6 +348,49 @@ def run_optimizers(cfg: QualityConfig, cache: Path, optimizers: list[OptimizerNa
                 }
             )
     return {"config": asdict(cfg), "d_in": d_in, "activation_scale": scale, "optimizers": optimizers, "rows": rows}
+
+
+def run_layers(cfg: QualityConfig) -> dict[str, Any]:
+    """``LAYER_NAMES`` trained on the same tokens at each of ``LAYER_HOOKS``, one result per layer."""
+    layers = {}
+    for hook in LAYER_HOOKS:
+        layer_cfg = replace(cfg, hook=hook)
+        layers[hook] = run(layer_cfg, activation_cache(layer_cfg), set(LAYER_NAMES))
+        layers[hook]["summary"] = mean_over_seeds(layers[hook]["rows"])
+    return {"config": asdict(cfg), "layers": layers}
+
+
+def layers_report(result: dict[str, Any], stem: str) -> None:
+    """Each SAE's numbers on both layers side by side, then the paper's claims at e = 2 on each layer."""
+    cfg = result["config"]
+    layers = result["layers"]
+    short = {hook: hook.split(".")[1] for hook in layers}
+    summaries = {hook: {row["name"]: row for row in layer["summary"]} for hook, layer in layers.items()}
+    columns = (("fvu", "FVU", ".4f"), ("cross_fvu", "cross FVU", ".4f"), ("ce_score", "CE", ".3f"))
+    columns += (("dead", "dead", ".0f"),)
+    header = " | ".join(f"{label} L{short[hook]}" for _, label, _ in columns for hook in layers)
+    lines = [
+        "# The headline SAEs on two layers (CPU)",
+        "",
+        f"SmolLM2-135M-Instruct, the same {cfg['train_tokens']} training tokens (Shakespeare) in the same order at "
+        + " and ".join(f"`{hook}`" for hook in layers)
+        + f"; k={cfg['k']}, total width {cfg['d_sae']}, seeds {list(cfg['seeds'])}. Columns as in the quality "
+        "table: FVU and dead latents on held-out plays, cross = the Python docs, CE = SAELens CE loss score.",
+        "",
+        f"| SAE | width | {header} |",
+        "|---|---:|" + "---:|" * (len(columns) * len(layers)),
+    ]
+    for name in LAYER_NAMES:
+        rows = [summaries[hook][name] for hook in layers]
+        cells = " | ".join(f"{row[key]:{spec}}" for key, _, spec in columns for row in rows)
+        lines.append(f"| {name} | {rows[0]['d_sae']} | {cells} |")
+    for hook, layer in layers.items():
+        activation_max = layer["activation_max"]
+        lines += ["", f"## The paper's claims at e = 2, `{hook}` (largest activation {activation_max:,.0f})", ""]
+        lines += verdict(layer["summary"], cfg["n_experts_scale"])
+    table = "\n".join(lines) + "\n"
+    write_results(stem, result, table)
+    print(table)
 
 
 def optimizers_report(result: dict[str, Any], stem: str) -> None:
@@ -331,6 +475,7 @@ def mean_over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "ce_score": _mean(group, lambda r: r["in_domain"]["ce_loss_score"]),
                 "cross_ce_score": _mean(group, lambda r: r["cross_domain"]["ce_loss_score"]),
                 "dead": _mean(group, lambda r: r["in_domain"]["dead_latents"]),
+                "l0": _mean(group, lambda r: r["in_domain"]["l0"]),
                 "redundancy": _mean(group, lambda r: r["redundancy_0_9"]),
                 "similarity": _mean(group, lambda r: r["activation_similarity"]),
                 "train_seconds": _mean(group, lambda r: r["train_seconds"]),
@@ -358,22 +503,23 @@ def markdown(result: dict[str, Any], summary: list[dict[str, Any]]) -> str:
         ),
         "",
         (
-            "| SAE | width | enc. MFLOP/tok | FVU | cross FVU | SSE/tok | CE | cross CE | dead | redundancy "
+            "| SAE | width | enc. MFLOP/tok | L0 | FVU | cross FVU | SSE/tok | CE | cross CE | dead | redundancy "
             "| act. sim. | mean ω | train s |"
         ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summary:
         spread = f" ± {row['fvu_spread']:.4f}" if row["seeds"] > 1 else ""
         omega = f"{row['omega_mean']:.3f}" if row["omega_mean"] is not None else ""
         lines.append(
-            f"| {row['name']} | {row['d_sae']} | {row['encoder_flops_per_token'] / 1e6:.2f} | {row['fvu']:.4f}{spread} "
+            f"| {row['name']} | {row['d_sae']} | {row['encoder_flops_per_token'] / 1e6:.2f} | {row['l0']:.1f} "
+            f"| {row['fvu']:.4f}{spread} "
             f"| {row['cross_fvu']:.4f} | {row['sse']:.1f} | {row['ce_score']:.3f} | {row['cross_ce_score']:.3f} "
             f"| {row['dead']:.0f} | {row['redundancy']:.4f} | {row['similarity']:.4f} | {omega} "
             f"| {row['train_seconds']:.0f} |"
         )
-    if len(summary) == len(contenders(QualityConfig(**cfg), result["d_in"])):
-        lines += ["", "## The paper's claims", "", *verdict(summary, cfg["n_experts_scale"])]
+    if len(summary) >= len(contenders(QualityConfig(**cfg), result["d_in"])):
+        lines += ["", "## The paper's claims", "", *verdict(summary, cfg["n_experts_scale"], cfg["gated_l0_target"])]
     return "\n".join(lines) + "\n"
 
 
@@ -384,13 +530,15 @@ def _relative(a: dict[str, Any], b: dict[str, Any], key: str = "fvu") -> str:
     return change + (" (within the seed spread)" if abs(a[key] - b[key]) <= spread else "")
 
 
-def verdict(summary: list[dict[str, Any]], n_experts: int) -> list[str]:
+def verdict(summary: list[dict[str, Any]], n_experts: int, gated_l0_target: float | None = None) -> list[str]:
     """One line per paper claim, each with the measured numbers; 'holds' compares seed means."""
     rows = {row["name"]: row for row in summary}
-    scale = {e: rows[f"Scale {n_experts}/e={e}"] for e in (2, 4, 8)}
-    plain = {e: rows[f"Scale {n_experts}/e={e} no FS"] for e in (2, 4, 8)}
-    matched = {e: rows[f"TopK (FLOPs-matched to Scale {n_experts}/e={e})"] for e in (2, 4, 8)}
-    switches = [rows["Switch 16"], rows["Switch 32"]]
+    present = [e for e in (2, 4, 8, 16) if f"Scale {n_experts}/e={e}" in rows]
+    scale = {e: rows[f"Scale {n_experts}/e={e}"] for e in present}
+    plain = {e: rows[f"Scale {n_experts}/e={e} no FS"] for e in present if f"Scale {n_experts}/e={e} no FS" in rows}
+    matched = {e: rows[matched_name(n_experts, e)] for e in present}
+    half = n_experts // 2  # Switch with Scale e=2's active width
+    switches = [rows[f"Switch {half}"], rows[f"Switch {n_experts}"]]
     dense = rows["TopK (width-matched)"]
 
     def holds(condition: bool) -> str:
@@ -399,7 +547,15 @@ def verdict(summary: list[dict[str, Any]], n_experts: int) -> list[str]:
     def fvu(row: dict[str, Any]) -> str:
         return f"{row['fvu']:.4f}" + (f" ± {row['fvu_spread']:.4f}" if row["seeds"] > 1 else "")
 
-    omegas = [scale[e]["omega_mean"] for e in (2, 4, 8)]
+    gated_line = [
+        f"6. Scale {n_experts}/e=2 beats the Gated SAE at the same width: {holds(scale[2]['fvu'] < row['fvu'])}. "
+        f"{fvu(scale[2])} vs {fvu(row)} ({_relative(scale[2], row)}); the Gated SAE's held-out L0 is {row['l0']:.1f} "
+        f"against its target {gated_l0_target:g}, "
+        f"{'within' if abs(row['l0'] / gated_l0_target - 1) <= 0.1 else 'outside'} 10 %."
+        for row in summary
+        if row["family"] == "gated" and gated_l0_target is not None
+    ]
+    omegas = [scale[e]["omega_mean"] for e in present]
     scale_redundancy = max(row["redundancy"] for row in scale.values())
     switch_redundancy = min(row["redundancy"] for row in switches)
     return [
@@ -412,21 +568,21 @@ def verdict(summary: list[dict[str, Any]], n_experts: int) -> list[str]:
         (
             f"2. Scale e=2 beats Switch at equal total and equal active width: "
             f"{holds(all(scale[2]['fvu'] < row['fvu'] for row in switches))}. Scale {n_experts}/e=2 {fvu(scale[2])} vs "
-            f"Switch 16 (the same {switches[0]['d_sae'] // 16} active latents) {fvu(switches[0])}, "
-            f"{_relative(scale[2], switches[0])}; vs Switch 32 (the same experts) {fvu(switches[1])}, "
+            f"Switch {half} (the same {switches[0]['d_sae'] // half} active latents) {fvu(switches[0])}, "
+            f"{_relative(scale[2], switches[0])}; vs Switch {n_experts} (the same experts) {fvu(switches[1])}, "
             f"{_relative(scale[2], switches[1])}."
         ),
-        f"3. Feature Scaling lowers FVU: {holds(all(scale[e]['fvu'] < plain[e]['fvu'] for e in scale))}. "
-        + "; ".join(f"e={e}: {_relative(scale[e], plain[e])}" for e in scale)
+        f"3. Feature Scaling lowers FVU: {holds(all(scale[e]['fvu'] < plain[e]['fvu'] for e in plain))}. "
+        + "; ".join(f"e={e}: {_relative(scale[e], plain[e])}" for e in plain)
         + " (paper: -10.9 % at e = 16). Mean ω ends "
         + ", ".join(f"{omega:.3f}" for omega in omegas)
-        + f" for e = 2, 4, 8: positive {holds(min(omegas) > 0)}, growing with e "
-        + f"{holds(omegas == sorted(omegas))}.",
+        + f" for e = {', '.join(map(str, present))}: positive {holds(min(omegas) > 0)}"
+        + (f", growing with e {holds(omegas == sorted(omegas))}." if len(present) > 1 else "."),
         f"4. Scale's redundancy is below Switch's: {holds(scale_redundancy < switch_redundancy)}. "
         "Fraction of latents with max decoder cosine > 0.9: Scale "
         + ", ".join(f"e={e} {scale[e]['redundancy']:.4f}" for e in scale)
-        + f"; Switch 16 {switches[0]['redundancy']:.4f}, Switch 32 {switches[1]['redundancy']:.4f}; "
-        f"TopK {dense['redundancy']:.4f}. Scale e=2 against Switch 32 (the same experts): "
+        + f"; Switch {half} {switches[0]['redundancy']:.4f}, Switch {n_experts} {switches[1]['redundancy']:.4f}; "
+        f"TopK {dense['redundancy']:.4f}. Scale e=2 against Switch {n_experts} (the same experts): "
         f"{_relative(scale[2], switches[1], 'redundancy')} (paper: -99 %).",
         (
             f"5. Width-matched, Scale {n_experts}/e=2 reaches FVU {fvu(scale[2])} against dense TopK's {fvu(dense)} "
@@ -434,13 +590,14 @@ def verdict(summary: list[dict[str, Any]], n_experts: int) -> list[str]:
             f"{dense['train_seconds'] / scale[2]['train_seconds']:.1f}x faster "
             f"({scale[2]['train_seconds']:.0f} s vs {dense['train_seconds']:.0f} s for the same tokens)."
         ),
+        *gated_line,
     ]
 
 
 def plots(summary: list[dict[str, Any]], stem: str) -> list[Path]:
     from matplotlib.figure import Figure
 
-    colours = {"topk": "tab:gray", "switch": "tab:orange", "scale": "tab:blue"}
+    colours = {"topk": "tab:gray", "switch": "tab:orange", "scale": "tab:blue", "gated": "tab:green"}
     frontier = Figure(figsize=(8, 5))
     axes = frontier.subplots()
     topk = sorted((row for row in summary if row["family"] == "topk"), key=lambda row: row["encoder_flops_per_token"])
@@ -523,7 +680,7 @@ def run_curves(cfg: QualityConfig, cache: Path) -> dict[str, Any]:
         torch.manual_seed(0)
         sae = contender.make()
         curve = HeldoutCurve(sae, batches(train, cfg.batch, scale, seed=0), heldout, interval)
-        seconds = train_sae(sae, curve, cfg)
+        seconds = train_sae(sae, curve, trainer_config(cfg))
         curve.record(tokens=curve.batches * cfg.batch)
         curves[contender.name] = {
             "family": contender.family,
@@ -610,9 +767,27 @@ def main() -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--quick", action="store_true", help="half the width, 18 %% of the tokens, one seed")
     budget.add_argument("--curves", action="store_true", help="learning curves over 4 passes")
+    parser.add_argument("--layers", action="store_true", help="the headline SAEs on layers 6 and 18, one seed")
+    parser.add_argument(
+        "--paper-width", action="store_true", help="24,576 latents, Scale 64 with e up to 16, Gated; one seed"
+    )
     parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, help="the headline SAEs with each optimizer")
     args = parser.parse_args()
     started = time.perf_counter()
+    if args.paper_width:
+        quick = replace(
+            PAPER_WIDTH, train_tokens=QUALITY_QUICK.train_tokens, heldout_tokens=QUALITY_QUICK.heldout_tokens
+        )
+        cfg = replace(quick, ce_batches=1) if args.quick else PAPER_WIDTH
+        result = run(cfg, activation_cache(cfg))
+        result["wall_seconds"] = time.perf_counter() - started
+        write_reports(result, "quality-cpu-paper-width" + ("-quick" if args.quick else ""))
+        return
+    if args.layers:
+        result = run_layers(replace(QUALITY_QUICK if args.quick else QUALITY_FULL, seeds=(0,)))
+        result["wall_seconds"] = time.perf_counter() - started
+        layers_report(result, "quality-cpu-layers" + ("-quick" if args.quick else ""))
+        return
     if args.optimizers:
         # Two seeds at either budget: the comparison is between optimizers on the same SAE.
         cfg = replace(QUALITY_QUICK, seeds=(0, 1)) if args.quick else QUALITY_FULL

@@ -1,6 +1,7 @@
 """The quality benchmark's pipeline on a tiny budget: real model, real text, SAELens's trainer, a well-formed JSON."""
 
 import importlib.util
+import itertools
 import json
 import math
 import sys
@@ -28,11 +29,13 @@ ROW_KEYS = {
     "ce_score",
     "cross_ce_score",
     "dead",
+    "l0",
     "redundancy",
     "similarity",
     "train_seconds",
     "omega_mean",
 }
+ROW_KEYS_BEFORE_L0 = ROW_KEYS - {"l0"}  # results written before the summary carried the held-out L0
 
 
 def load_quality_module() -> Any:
@@ -46,9 +49,9 @@ def load_quality_module() -> Any:
     return module
 
 
-def check_summary(summary: list[dict]) -> None:
+def check_summary(summary: list[dict], keys: set[str] = ROW_KEYS) -> None:
     for row in summary:
-        assert set(row) == ROW_KEYS
+        assert set(row) == keys
         numbers = [value for key, value in row.items() if key not in {"name", "family", "omega_mean"}]
         assert all(isinstance(value, (int, float)) and math.isfinite(value) for value in numbers), row
 
@@ -56,7 +59,9 @@ def check_summary(summary: list[dict]) -> None:
 @pytest.mark.slow
 def test_tiny_run_writes_a_well_formed_result(tmp_path: Path) -> None:
     quality = load_quality_module()
-    cfg = quality.QualityConfig(train_tokens=8192, heldout_tokens=1024, d_sae=1152, k=16, seeds=(0, 1), ce_batches=1)
+    cfg = quality.QualityConfig(
+        train_tokens=8192, heldout_tokens=1024, d_sae=1152, k=16, seeds=(0, 1), ce_batches=1, ce_batch_prompts=2
+    )
     names = {"Scale 32/e=2", "TopK (FLOPs-matched to Scale 32/e=2)"}
     result = quality.run(cfg, tmp_path / "activations.safetensors", names)
     summary = quality.mean_over_seeds(result["rows"])
@@ -160,7 +165,9 @@ def test_routed_and_topk_saes_start_from_the_same_biases() -> None:
     for contender in quality.contenders(replace(cfg, train_tokens=256), 64):
         if contender.name in ("Scale 32/e=2", "TopK (FLOPs-matched to Scale 32/e=2)"):
             sae = contender.make()
-            quality.train_sae(sae, quality.batches(train, 256, 1.0, seed=0), replace(cfg, train_tokens=256))
+            quality.train_sae(
+                sae, quality.batches(train, 256, 1.0, seed=0), quality.trainer_config(replace(cfg, train_tokens=256))
+            )
             starts[contender.name] = sae.b_dec.detach()
     median = geometric_median(first.double()).float()
     for b_dec in starts.values():
@@ -197,16 +204,75 @@ def test_crossing_is_where_scale_gets_below_topk_for_good() -> None:
 
 
 @pytest.mark.parametrize(
-    ("stem", "n_saes"),
+    ("stem", "n_saes", "keys"),
     [
-        ("quality-cpu", 14),
-        ("2026-11-recipe/quality-cpu", 14),  # the recipe before the liveness study, kept for comparison
-        ("2026-11-recipe/quality-cpu-quick", 14),
-        ("2026-11-recipe/quality-cpu-longer", 4),
+        ("quality-cpu", 14, ROW_KEYS_BEFORE_L0),
+        ("2026-11-recipe/quality-cpu", 14, ROW_KEYS_BEFORE_L0),  # the recipe before the liveness study
+        ("2026-11-recipe/quality-cpu-quick", 14, ROW_KEYS_BEFORE_L0),
+        ("2026-11-recipe/quality-cpu-longer", 4, ROW_KEYS_BEFORE_L0),
     ],
 )
-def test_committed_results_are_well_formed(stem: str, n_saes: int) -> None:
+def test_committed_results_are_well_formed(stem: str, n_saes: int, keys: set[str]) -> None:
     result = json.loads((BENCHMARKS / "results" / f"{stem}.json").read_text())
-    check_summary(result["summary"])
+    check_summary(result["summary"], keys)
     assert len(result["summary"]) == n_saes
     assert all(0 < row["fvu"] < 1 and 0 <= row["dead"] <= row["d_sae"] for row in result["summary"])
+
+
+def test_the_paper_width_runs_the_papers_rows_and_their_flops_matched_baselines() -> None:
+    quality = load_quality_module()
+    rows = {row.name: row for row in quality.contenders(quality.PAPER_WIDTH, 576)}
+    scale = [f"Scale 64/e={e}" for e in (2, 4, 8, 16)] + ["Scale 64/e=2 no FS", "Scale 64/e=16 no FS"]
+    assert set(rows) - {name for name in rows if name.startswith("TopK")} == {*scale, "Switch 32", "Switch 64"}
+    # TopK with the router's and the active experts' encoder columns: n + e x 24,576 / n
+    widths = {name: rows[f"TopK (FLOPs-matched to {name})"].config.d_sae for name in ("Switch 32", "Switch 64")}
+    widths |= {e: rows[f"TopK (FLOPs-matched to Scale 64/e={e})"].config.d_sae for e in (2, 4, 8, 16)}
+    assert widths == {"Switch 32": 800, "Switch 64": 448, 2: 832, 4: 1600, 8: 3136, 16: 6208}
+    assert rows["TopK (width-matched)"].config.d_sae == 24_576
+    for e in (2, 4, 8, 16):
+        assert rows[f"Scale 64/e={e}"].encoder_flops == rows[f"TopK (FLOPs-matched to Scale 64/e={e})"].encoder_flops
+    assert quality.headline(quality.PAPER_WIDTH) == (
+        "Scale 64/e=2",
+        "Scale 64/e=2 no FS",
+        "Switch 64",
+        "TopK (width-matched)",
+        "TopK (FLOPs-matched to Scale 64/e=2)",
+    )
+
+
+def test_verdict_at_the_paper_width_compares_the_rows_it_has() -> None:
+    quality = load_quality_module()
+    names = [row.name for row in quality.contenders(quality.PAPER_WIDTH, 576)]
+    fvu = dict.fromkeys(names, 0.3) | {"Scale 64/e=2": 0.2, "Scale 64/e=16": 0.1, "Scale 64/e=16 no FS": 0.125}
+    summary = [
+        row | {"d_sae": 24_576} for row in synthetic_summary(fvu, **{"Scale 64/e=2 no FS": {"omega_mean": None}})
+    ]
+    lines = quality.verdict(summary, n_experts=64)
+
+    assert "Switch 32 (the same 768 active latents) 0.3000, -33.3%; vs Switch 64 (the same experts)" in lines[1]
+    assert lines[2].startswith("3. Feature Scaling lowers FVU: holds. e=2: -33.3%; e=16: -20.0% (paper")
+    assert "for e = 2, 4, 8, 16: positive holds" in lines[2]
+
+
+@pytest.mark.slow
+def test_the_gated_sae_is_trained_to_its_l0_target() -> None:
+    quality = load_quality_module()
+    cfg = quality.QualityConfig(**TINY_CURVES | {"train_tokens": 131_072}, batch=256, gated_l0_target=8.0)
+    train, heldout = structured_activations(131_072, 64, seed=1).float(), structured_activations(2048, 64, seed=2)
+    sae, _, calibration = quality.train_gated(cfg, train, heldout.float(), scale=1.0)
+
+    l0 = quality.mean_l0(sae, heldout)
+    assert abs(l0 / 8.0 - 1) <= 0.1
+    nearest = min(calibration["full_runs"], key=lambda run: abs(run["l0"] - 8.0))  # the SAE returned is the nearest
+    assert nearest["l0"] == pytest.approx(l0) and nearest["l1_coefficient"] == calibration["l1_coefficient"]
+    tried = calibration["short_tries"]
+    for a, b in itertools.pairwise(tried):  # each short try moves the coefficient the way its L0 asked
+        assert (b["l1_coefficient"] > a["l1_coefficient"]) == (a["l0"] > 8.0)
+
+
+def test_read_off_is_linear_in_log_log_and_extrapolates_from_the_ends() -> None:
+    quality = load_quality_module()
+    tried = [{"l1_coefficient": 1.0, "l0": 100.0}, {"l1_coefficient": 10.0, "l0": 10.0}]  # L0 = 100 / coefficient
+    assert quality.read_off(tried, "l0", "l1_coefficient", 31.6227766) == pytest.approx(3.16227766)
+    assert quality.read_off(tried, "l0", "l1_coefficient", 1.0) == pytest.approx(100.0)
+    assert quality.read_off(tried, "l1_coefficient", "l0", 0.1) == pytest.approx(1000.0)
