@@ -219,6 +219,18 @@ def test_committed_results_are_well_formed(stem: str, n_saes: int, keys: set[str
     assert all(0 < row["fvu"] < 1 and 0 <= row["dead"] <= row["d_sae"] for row in result["summary"])
 
 
+def test_committed_layer_results_cover_both_layers_on_the_same_tokens() -> None:
+    quality = load_quality_module()
+    result = json.loads((BENCHMARKS / "results" / "quality-cpu-layers.json").read_text())
+    assert tuple(result["layers"]) == quality.LAYER_HOOKS
+    tokens = {json.dumps(layer["tokens"]) for layer in result["layers"].values()}
+    assert len(tokens) == 1  # the same token counts, so the same rows of text, on both layers
+    for layer in result["layers"].values():
+        check_summary(layer["summary"], ROW_KEYS_BEFORE_L0)
+        assert {row["name"] for row in layer["summary"]} == set(quality.LAYER_NAMES)
+        assert all(0 < row["fvu"] < 1 and 0 <= row["dead"] <= row["d_sae"] for row in layer["summary"])
+
+
 def test_the_paper_width_runs_the_papers_rows_and_their_flops_matched_baselines() -> None:
     quality = load_quality_module()
     rows = {row.name: row for row in quality.contenders(quality.PAPER_WIDTH, 576)}
