@@ -20,6 +20,7 @@ headline rows at ``blocks.18.hook_resid_post`` as well, where this model carries
     python benchmarks/quality.py --quick    # a smaller comparison (half the width, 18 % of the tokens, one seed)
     python benchmarks/quality.py            # the full comparison
     python benchmarks/quality.py --curves   # learning curves: 4 SAEs, 4 passes, held-out FVU every 1/8 pass
+    python benchmarks/quality.py --long-curves   # Scale 32/e=2 and Switch 16 for 12 passes, against those curves
     python benchmarks/quality.py --paper-width   # 24,576 latents, 64 experts, e up to 16, Gated (and --quick)
     python benchmarks/quality.py --layers   # the headline SAEs on layer 6 and on layer 18, one seed (and --quick)
     python benchmarks/quality.py --optimizers adam adam_fused adam_row_sparse   # the headline SAEs per optimizer
@@ -28,12 +29,13 @@ headline rows at ``blocks.18.hook_resid_post`` as well, where this model carries
 
 import argparse
 import bisect
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from sae_lens.evals import EvalConfig, run_evals
@@ -46,7 +48,7 @@ from sae_lens.training.activations_store import ActivationsStore
 from tqdm import tqdm
 
 from sae_lens_scale import ScaleTrainingSAEConfig, SwitchTrainingSAEConfig, metrics
-from sae_lens_scale.flops import flops_matched_topk_width, routed_flops, topk_flops
+from sae_lens_scale.flops import SaeFlops, flops_matched_topk_width, routed_flops, topk_flops
 from sae_lens_scale.optimizers import OPTIMIZERS, OptimizerName
 from sae_lens_scale.routed_sae import RoutedTrainingSAE
 from sae_lens_scale.scale_sae import FeatureScaling
@@ -74,6 +76,11 @@ from common import (
 CURVES = replace(QUALITY_FULL, seeds=(0,), epochs=4)
 CURVE_NAMES = ("Scale 32/e=2", "Switch 16", "TopK (FLOPs-matched to Scale 32/e=2)", "TopK (width-matched)")
 CURVE_POINTS_PER_PASS = 8
+# Longer training: the routed curves over 12 passes, against the TopK curves of --curves.
+LONG_CURVES = replace(CURVES, epochs=12)
+LONG_CURVE_NAMES = ("Scale 32/e=2", "Switch 16")
+LONG_CURVE_POINTS_PER_PASS = 2
+LONG_CURVE_BASELINES = ("TopK (FLOPs-matched to Scale 32/e=2)", "TopK (width-matched)")
 # The optimizer comparison: each SAE with every optimizer it can train with (TopK has no row-sparse step). The
 # width-matched TopK, the slowest, runs one seed: its optimizers are exact Adam either way.
 OPTIMIZER_NAMES = ("Scale 32/e=2", "Switch 16", "TopK (FLOPs-matched to Scale 32/e=2)", "TopK (width-matched)")
@@ -90,11 +97,14 @@ LAYER_NAMES = (
 )
 
 
+Family = Literal["topk", "switch", "scale", "gated"]
+
+
 class Contender(NamedTuple):
     name: str
-    family: str  # topk | switch | scale
+    family: Family
     config: TrainingSAEConfig
-    encoder_flops: int
+    flops: SaeFlops
 
     def make(self) -> TrainingSAE[Any]:
         return get_sae_training_class(self.config.architecture())[0](self.config)
@@ -107,7 +117,7 @@ def contenders(cfg: QualityConfig, d_in: int) -> list[Contender]:
         # The routed SAEs' encoder scale (decoder_init_norm=1), which helps TopK too (docs/dead-latents.md).
         return TopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k, decoder_init_norm=1.0)
 
-    routed: list[tuple[str, str, TrainingSAEConfig, int, int]] = []
+    routed: list[tuple[str, Family, TrainingSAEConfig, int, int]] = []
     for n in cfg.switch_experts:
         routed.append((f"Switch {n}", "switch", SwitchTrainingSAEConfig(d_in=d_in, d_sae=M, n_experts=n, k=k), n, 1))
     n = cfg.n_experts_scale
@@ -120,17 +130,17 @@ def contenders(cfg: QualityConfig, d_in: int) -> list[Contender]:
                 d_in=d_in, d_sae=M, n_experts=n, n_active_experts=e, k=k, feature_scaling=scaling
             )
             routed.append((f"Scale {n}/e={e}{suffix}", "scale", config, n, e))
-    rows = [Contender("TopK (width-matched)", "topk", topk(M), topk_flops(d_in, M, k).encoder)]
+    rows = [Contender("TopK (width-matched)", "topk", topk(M), topk_flops(d_in, M, k))]
     matched_widths: dict[int, str] = {}
     for name, _, _, n_experts, n_active_experts in routed:
         width = flops_matched_topk_width(M, n_experts, n_active_experts)
         matched_widths.setdefault(width, name.removesuffix(" no FS"))
     rows += [
-        Contender(f"TopK (FLOPs-matched to {name})", "topk", topk(width), topk_flops(d_in, width, k).encoder)
+        Contender(f"TopK (FLOPs-matched to {name})", "topk", topk(width), topk_flops(d_in, width, k))
         for width, name in matched_widths.items()
     ]
     rows += [
-        Contender(name, family, make, routed_flops(d_in, M, n_experts, n_active_experts, k).encoder)
+        Contender(name, family, make, routed_flops(d_in, M, n_experts, n_active_experts, k))
         for name, family, make, n_experts, n_active_experts in routed
     ]
     return rows
@@ -150,9 +160,8 @@ def matched_name(n_experts: int, e: int) -> str:
 def gated(cfg: QualityConfig, d_in: int, l1_coefficient: float) -> Contender:
     """SAELens's Gated SAE at the total width: the paper's third baseline, whose L0 its L1 coefficient sets."""
     config = GatedTrainingSAEConfig(d_in=d_in, d_sae=cfg.d_sae, l1_coefficient=l1_coefficient)
-    return Contender(
-        f"Gated (L0 target {cfg.gated_l0_target:g})", "gated", config, topk_flops(d_in, cfg.d_sae, 1).encoder
-    )
+    dense = 2 * d_in * cfg.d_sae  # one encoder product shared by the gate and the magnitude, a dense decode
+    return Contender(f"Gated (L0 target {cfg.gated_l0_target:g})", "gated", config, SaeFlops(dense, dense))
 
 
 def read_off(tried: list[dict[str, float]], known: str, wanted: str, value: float) -> float:
@@ -166,7 +175,7 @@ def read_off(tried: list[dict[str, float]], known: str, wanted: str, value: floa
 
 
 def gated_l1_coefficient(
-    cfg: QualityConfig, train: torch.Tensor, heldout: torch.Tensor, scale: float, tries: int = 8
+    cfg: QualityConfig, train: torch.Tensor, heldout: torch.Tensor, scale: float, tries: int = 6
 ) -> list[dict[str, float]]:
     """Short Gated runs, each with the full run's steps on an eighth of its batch, that bracket the L0 target.
 
@@ -196,7 +205,7 @@ def gated_l1_coefficient(
 
 
 def train_gated(
-    cfg: QualityConfig, train: torch.Tensor, heldout: torch.Tensor, scale: float, attempts: int = 3
+    cfg: QualityConfig, train: torch.Tensor, heldout: torch.Tensor, scale: float, attempts: int = 2
 ) -> tuple[TrainingSAE[Any], float, dict[str, Any]]:
     """The Gated SAE trained in full, with the coefficient whose held-out L0 came nearest the target.
 
@@ -289,7 +298,7 @@ def run(cfg: QualityConfig, cache: Path, names: set[str] | None = None) -> dict[
                 "family": contender.family,
                 "seed": seed,
                 "d_sae": sae.cfg.d_sae,
-                "encoder_flops_per_token": contender.encoder_flops,
+                "encoder_flops_per_token": contender.flops.encoder,
                 "train_seconds": seconds,
                 **evaluate(sae, scale, acts, model, datasets, cfg),
             }
@@ -342,7 +351,7 @@ def run_optimizers(cfg: QualityConfig, cache: Path, optimizers: list[OptimizerNa
                     "optimizer": optimizer,
                     "seed": seed,
                     "d_sae": sae.cfg.d_sae,
-                    "encoder_flops_per_token": contender.encoder_flops,
+                    "encoder_flops_per_token": contender.flops.encoder,
                     "train_seconds": seconds,
                     **evaluate(sae, scale, acts, model, datasets, cfg),
                 }
@@ -667,16 +676,21 @@ class HeldoutCurve:
         self.points.append({"tokens": tokens, **reconstruction(self.sae, self.heldout)})
 
 
-def run_curves(cfg: QualityConfig, cache: Path) -> dict[str, Any]:
-    """One run per SAE in CURVE_NAMES over ``cfg.epochs`` passes, with held-out FVU and dead latents along the way."""
+def run_curves(
+    cfg: QualityConfig,
+    cache: Path,
+    names: tuple[str, ...] = CURVE_NAMES,
+    points_per_pass: int = CURVE_POINTS_PER_PASS,
+) -> dict[str, Any]:
+    """One run per SAE in ``names`` over ``cfg.epochs`` passes, with held-out FVU and dead latents along the way."""
     acts = cached_activations(cfg, cache)
     train = acts["train"]
     d_in = train.shape[1]
     scale = activation_scale(train)
     heldout = acts["heldout"].float() * scale
-    interval = cfg.train_tokens // cfg.batch // CURVE_POINTS_PER_PASS
+    interval = cfg.train_tokens // cfg.batch // points_per_pass
     curves = {}
-    for contender in tqdm([c for c in contenders(cfg, d_in) if c.name in CURVE_NAMES], desc="SAEs"):
+    for contender in tqdm([c for c in contenders(cfg, d_in) if c.name in names], desc="SAEs"):
         torch.manual_seed(0)
         sae = contender.make()
         curve = HeldoutCurve(sae, batches(train, cfg.batch, scale, seed=0), heldout, interval)
@@ -685,11 +699,111 @@ def run_curves(cfg: QualityConfig, cache: Path) -> dict[str, Any]:
         curves[contender.name] = {
             "family": contender.family,
             "d_sae": sae.cfg.d_sae,
-            "encoder_flops_per_token": contender.encoder_flops,
+            "encoder_flops_per_token": contender.flops.encoder,
+            "training_flops_per_token": contender.flops.training_step,
             "train_seconds": seconds,
             "points": curve.points,
         }
-    return {"config": asdict(cfg), "d_in": d_in, "curves": curves, "crossing": crossing(curves)}
+    return {"config": asdict(cfg), "d_in": d_in, "points_per_pass": points_per_pass, "curves": curves}
+
+
+def reaches(points: list[dict[str, Any]], fvu: float) -> int | None:
+    """The index from which a curve's held-out FVU stays below ``fvu``, if it gets there."""
+    below = [point["fvu"] < fvu for point in points]
+    return next((i for i in range(len(below)) if all(below[i:])), None)
+
+
+def training_flops_per_token(curves: dict[str, Any]) -> dict[str, int]:
+    """Each contender's training FLOPs per token, by name, in the setting the curves ran in."""
+    cfg = QualityConfig(**curves["config"])
+    return {contender.name: contender.flops.training_step for contender in contenders(cfg, curves["d_in"])}
+
+
+def long_crossings(result: dict[str, Any], baselines: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each long routed curve and each baseline curve: the training FLOPs at which the routed curve gets below the
+    baseline's final FVU for good, against the FLOPs the baseline spent to get there."""
+    flops = training_flops_per_token(baselines)
+    found = []
+    for name, curve in result["curves"].items():
+        for baseline_name in LONG_CURVE_BASELINES:
+            baseline = baselines["curves"][baseline_name]
+            final = baseline["points"][-1]
+            index = reaches(curve["points"], final["fvu"])
+            tokens = curve["points"][index]["tokens"] if index is not None else None
+            found.append(
+                {
+                    "sae": name,
+                    "baseline": baseline_name,
+                    "baseline_final_fvu": final["fvu"],
+                    "baseline_training_flops": final["tokens"] * flops[baseline_name],
+                    "tokens": tokens,
+                    "training_flops": tokens * flops[name] if tokens is not None else None,
+                    "final_fvu": curve["points"][-1]["fvu"],
+                }
+            )
+    return found
+
+
+def long_curves_report(result: dict[str, Any], baselines: dict[str, Any], stem: str) -> None:
+    """JSON, a Markdown table (FVU and dead latents at the end of every pass, and the crossings) and a plot of held-out
+    FVU against training FLOPs with the baselines' curves."""
+    from matplotlib.figure import Figure
+
+    flops = training_flops_per_token(baselines)
+    result["crossings"] = long_crossings(result, baselines)
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    axes = figure.subplots()
+    colours = {"topk": "tab:gray", "switch": "tab:orange", "scale": "tab:blue"}
+    drawn = [(name, curve, result["config"]["epochs"], "-") for name, curve in result["curves"].items()]
+    drawn += [(name, baselines["curves"][name], baselines["config"]["epochs"], "--") for name in LONG_CURVE_BASELINES]
+    for name, curve, passes, style in drawn:
+        points = curve["points"][1:]  # from the first step on: zero tokens has no place on a log axis
+        x = [point["tokens"] * flops[name] / 1e12 for point in points]
+        fvu = [point["fvu"] for point in points]
+        axes.plot(x, fvu, style, color=colours[curve["family"]], label=f"{name}, {passes} passes")
+    axes.set(xlabel="training FLOPs (TFLOP)", ylabel="held-out FVU", xscale="log", yscale="log")
+    axes.legend(fontsize=8)
+    plot = result_file(f"{stem}.png")
+    figure.savefig(plot, dpi=120)
+    result["plots"] = [str(plot.relative_to(RESULTS.parent.parent))]
+
+    passes = result["config"]["epochs"]
+    per_pass = result["points_per_pass"]
+    lines = [
+        "# Longer training (CPU)",
+        "",
+        f"Held-out FVU / latents dead on held-out text at the end of each pass over {result['config']['train_tokens']} "
+        f"training tokens, {passes} passes, one run per SAE (lr schedule of the whole run).",
+        "",
+        "| SAE | " + " | ".join(f"pass {i + 1}" for i in range(passes)) + " | train s |",
+        "|---|" + "---:|" * passes + "---:|",
+    ]
+    for name, curve in result["curves"].items():
+        ends = curve["points"][per_pass::per_pass]
+        cells = " | ".join(f"{p['fvu']:.4f} / {p['dead_latents']}" for p in ends)
+        lines.append(f"| {name} | {cells} | {curve['train_seconds']:.0f} |")
+    lines += [
+        "",
+        f"Against the TopK curves of `--curves` ({baselines['config']['epochs']} passes over the same tokens): the "
+        "training FLOPs (3 x forward FLOPs per token x tokens) at which each curve gets below the baseline's final FVU "
+        "and stays there.",
+        "",
+        "| SAE | baseline | baseline final FVU | baseline TFLOP | reached after tokens | TFLOP | FLOPs ratio |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["crossings"]:
+        if row["tokens"] is None:
+            reached = f"not within {passes} passes (final FVU {row['final_fvu']:.4f}) | | "
+        else:
+            ratio = row["baseline_training_flops"] / row["training_flops"]
+            reached = f"{row['tokens']:,} | {row['training_flops'] / 1e12:.2f} | {ratio:.1f}x fewer"
+        lines.append(
+            f"| {row['sae']} | {row['baseline']} | {row['baseline_final_fvu']:.4f} "
+            f"| {row['baseline_training_flops'] / 1e12:.2f} | {reached} |"
+        )
+    table = "\n".join(lines) + "\n"
+    write_results(stem, result, table)
+    print(table, end="")
 
 
 def crossing(curves: dict[str, Any]) -> dict[str, Any]:
@@ -767,6 +881,9 @@ def main() -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--quick", action="store_true", help="half the width, 18 %% of the tokens, one seed")
     budget.add_argument("--curves", action="store_true", help="learning curves over 4 passes")
+    budget.add_argument(
+        "--long-curves", action="store_true", help="Scale 32/e=2 and Switch 16 over 12 passes, against --curves' TopK"
+    )
     parser.add_argument("--layers", action="store_true", help="the headline SAEs on layers 6 and 18, one seed")
     parser.add_argument(
         "--paper-width", action="store_true", help="24,576 latents, Scale 64 with e up to 16, Gated; one seed"
@@ -797,8 +914,15 @@ def main() -> None:
         return
     if args.curves:
         result = run_curves(CURVES, activation_cache(CURVES))
+        result["crossing"] = crossing(result["curves"])
         result["wall_seconds"] = time.perf_counter() - started
         curves_report(result, "quality-cpu-curves")
+        return
+    if args.long_curves:
+        baselines = json.loads((RESULTS / "quality-cpu-curves.json").read_text())
+        result = run_curves(LONG_CURVES, activation_cache(LONG_CURVES), LONG_CURVE_NAMES, LONG_CURVE_POINTS_PER_PASS)
+        result["wall_seconds"] = time.perf_counter() - started
+        long_curves_report(result, baselines, "quality-cpu-curves-long")
         return
     cfg = QUALITY_QUICK if args.quick else QUALITY_FULL
     result = run(cfg, activation_cache(cfg))

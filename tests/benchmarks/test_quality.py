@@ -203,10 +203,35 @@ def test_crossing_is_where_scale_gets_below_topk_for_good() -> None:
     assert quality.crossing(curves([0.5, 0.4, 0.35, 0.3], [0.4, 0.35, 0.3, 0.28]))["tokens"] is None
 
 
+def test_long_curves_report_the_flops_at_which_each_baseline_is_reached_for_good() -> None:
+    quality = load_quality_module()
+    cfg = quality.QualityConfig(**TINY_CURVES, batch=256, epochs=4)
+
+    def curve(fvus: list[float]) -> dict[str, Any]:
+        return {"points": [{"tokens": 100 * i, "fvu": fvu} for i, fvu in enumerate(fvus)]}
+
+    width_matched, matched = quality.LONG_CURVE_BASELINES[1], quality.LONG_CURVE_BASELINES[0]
+    baselines = {
+        "config": asdict(cfg),
+        "d_in": 64,
+        "curves": {matched: curve([0.5, 0.3]), width_matched: curve([0.4, 0.2, 0.1])},  # final FVU 0.3 and 0.1
+    }
+    result = {"curves": {"Scale 32/e=2": curve([0.6, 0.25, 0.35, 0.28, 0.2, 0.15])}}
+    found = {row["baseline"]: row for row in quality.long_crossings(result, baselines)}
+
+    flops = {c.name: c.flops.training_step for c in quality.contenders(cfg, 64)}
+    assert found[matched]["tokens"] == 300  # below 0.3 at 100 tokens too, but not for good
+    assert found[matched]["training_flops"] == 300 * flops["Scale 32/e=2"]
+    assert found[matched]["baseline_training_flops"] == 100 * flops[matched]
+    assert found[width_matched]["tokens"] is None and found[width_matched]["final_fvu"] == 0.15
+    assert found[width_matched]["baseline_training_flops"] == 200 * flops[width_matched]
+
+
 @pytest.mark.parametrize(
     ("stem", "n_saes", "keys"),
     [
         ("quality-cpu", 14, ROW_KEYS_BEFORE_L0),
+        ("quality-cpu-paper-width", 17, ROW_KEYS),
         ("2026-11-recipe/quality-cpu", 14, ROW_KEYS_BEFORE_L0),  # the recipe before the liveness study
         ("2026-11-recipe/quality-cpu-quick", 14, ROW_KEYS_BEFORE_L0),
         ("2026-11-recipe/quality-cpu-longer", 4, ROW_KEYS_BEFORE_L0),
@@ -242,7 +267,7 @@ def test_the_paper_width_runs_the_papers_rows_and_their_flops_matched_baselines(
     assert widths == {"Switch 32": 800, "Switch 64": 448, 2: 832, 4: 1600, 8: 3136, 16: 6208}
     assert rows["TopK (width-matched)"].config.d_sae == 24_576
     for e in (2, 4, 8, 16):
-        assert rows[f"Scale 64/e={e}"].encoder_flops == rows[f"TopK (FLOPs-matched to Scale 64/e={e})"].encoder_flops
+        assert rows[f"Scale 64/e={e}"].flops.encoder == rows[f"TopK (FLOPs-matched to Scale 64/e={e})"].flops.encoder
     assert quality.headline(quality.PAPER_WIDTH) == (
         "Scale 64/e=2",
         "Scale 64/e=2 no FS",
