@@ -231,7 +231,7 @@ def test_long_curves_report_the_flops_at_which_each_baseline_is_reached_for_good
     ("stem", "n_saes", "keys"),
     [
         ("quality-cpu", 14, ROW_KEYS_BEFORE_L0),
-        ("quality-cpu-paper-width", 17, ROW_KEYS),
+        ("quality-cpu-paper-width", 16, ROW_KEYS),
         ("2026-11-recipe/quality-cpu", 14, ROW_KEYS_BEFORE_L0),  # the recipe before the liveness study
         ("2026-11-recipe/quality-cpu-quick", 14, ROW_KEYS_BEFORE_L0),
         ("2026-11-recipe/quality-cpu-longer", 4, ROW_KEYS_BEFORE_L0),
