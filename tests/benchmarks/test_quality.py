@@ -1,10 +1,8 @@
 """The quality benchmark's pipeline on a tiny budget: real model, real text, SAELens's trainer, a well-formed JSON."""
 
-import importlib.util
 import itertools
 import json
 import math
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -14,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from sae_lens_scale.training_guards import geometric_median
+from tests.support.benchmarks import BENCHMARKS, load_benchmark
 
-BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 ROW_KEYS = {
     "name",
     "family",
@@ -38,17 +36,6 @@ ROW_KEYS = {
 ROW_KEYS_BEFORE_L0 = ROW_KEYS - {"l0"}  # results written before the summary carried the held-out L0
 
 
-def load_quality_module() -> Any:
-    """quality.py as ``python benchmarks/quality.py`` runs it: with its folder, and so ``common``, importable."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("quality", BENCHMARKS / "quality.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def check_summary(summary: list[dict], keys: set[str] = ROW_KEYS) -> None:
     for row in summary:
         assert set(row) == keys
@@ -58,7 +45,7 @@ def check_summary(summary: list[dict], keys: set[str] = ROW_KEYS) -> None:
 
 @pytest.mark.slow
 def test_tiny_run_writes_a_well_formed_result(tmp_path: Path) -> None:
-    quality = load_quality_module()
+    quality = load_benchmark("quality")
     cfg = quality.QualityConfig(
         train_tokens=8192, heldout_tokens=1024, d_sae=1152, k=16, seeds=(0, 1), ce_batches=1, ce_batch_prompts=2
     )
@@ -91,7 +78,7 @@ def synthetic_summary(fvu: dict[str, float], **overrides: dict[str, float]) -> l
 
 
 def test_verdict_reports_known_numbers() -> None:
-    quality = load_quality_module()
+    quality = load_benchmark("quality")
     fvu = {"TopK (width-matched)": 0.10, "Switch 16": 0.30, "Switch 32": 0.40}
     for e, ours in ((2, 0.20), (4, 0.18), (8, 0.16)):
         fvu |= {
@@ -120,7 +107,7 @@ def test_verdict_reports_known_numbers() -> None:
 
 
 def test_markdown_carries_the_verdict_only_for_a_complete_run() -> None:
-    quality = load_quality_module()
+    quality = load_benchmark("quality")
     cfg = quality.QualityConfig(train_tokens=8192, heldout_tokens=1024, d_sae=4608, k=32, seeds=(0,), ce_batches=1)
     names = [contender.name for contender in quality.contenders(cfg, 576)]
     summary = synthetic_summary(dict.fromkeys(names, 0.5))
@@ -132,7 +119,7 @@ def test_markdown_carries_the_verdict_only_for_a_complete_run() -> None:
 
 
 def test_verdict_says_when_a_claim_fails() -> None:
-    quality = load_quality_module()
+    quality = load_benchmark("quality")
     fvu = {"TopK (width-matched)": 0.10, "Switch 16": 0.15, "Switch 32": 0.40}
     for e in (2, 4, 8):
         fvu |= {f"Scale 32/e={e}": 0.2, f"Scale 32/e={e} no FS": 0.19, f"TopK (FLOPs-matched to Scale 32/e={e})": 0.3}
@@ -157,7 +144,7 @@ TINY_CURVES = {"train_tokens": 4096, "heldout_tokens": 512, "d_sae": 512, "k": 8
 
 
 def test_routed_and_topk_saes_start_from_the_same_biases() -> None:
-    quality = load_quality_module()
+    quality = load_benchmark("quality")
     cfg = quality.QualityConfig(**TINY_CURVES, batch=256, lr=0.0)  # lr 0: the weights stay where training starts
     train = structured_activations(256, 64, seed=1)
     first = next(quality.batches(train, 256, 1.0, seed=0))
@@ -175,7 +162,7 @@ def test_routed_and_topk_saes_start_from_the_same_biases() -> None:
 
 
 def test_learning_curves_record_held_out_fvu_along_the_run(tmp_path: Path) -> None:
-    quality = load_quality_module()
+    quality = load_benchmark("quality")
     cfg = quality.QualityConfig(**TINY_CURVES, batch=256, epochs=2)
     cache = tmp_path / "activations.safetensors"
     splits = {"train": (4096, 1), "heldout": (512, 2), "cross": (512, 3)}
@@ -191,7 +178,7 @@ def test_learning_curves_record_held_out_fvu_along_the_run(tmp_path: Path) -> No
 
 
 def test_crossing_is_where_scale_gets_below_topk_for_good() -> None:
-    quality = load_quality_module()
+    quality = load_benchmark("quality")
     scale, topk = quality.CURVE_NAMES[0], quality.CURVE_NAMES[2]
 
     def curves(scale_fvu: list[float], topk_fvu: list[float]) -> dict[str, Any]:
@@ -204,7 +191,7 @@ def test_crossing_is_where_scale_gets_below_topk_for_good() -> None:
 
 
 def test_long_curves_report_the_flops_at_which_each_baseline_is_reached_for_good() -> None:
-    quality = load_quality_module()
+    quality = load_benchmark("quality")
     cfg = quality.QualityConfig(**TINY_CURVES, batch=256, epochs=4)
 
     def curve(fvus: list[float]) -> dict[str, Any]:
@@ -245,7 +232,7 @@ def test_committed_results_are_well_formed(stem: str, n_saes: int, keys: set[str
 
 
 def test_committed_layer_results_cover_both_layers_on_the_same_tokens() -> None:
-    quality = load_quality_module()
+    quality = load_benchmark("quality")
     result = json.loads((BENCHMARKS / "results" / "quality-cpu-layers.json").read_text())
     assert tuple(result["layers"]) == quality.LAYER_HOOKS
     tokens = {json.dumps(layer["tokens"]) for layer in result["layers"].values()}
@@ -257,7 +244,7 @@ def test_committed_layer_results_cover_both_layers_on_the_same_tokens() -> None:
 
 
 def test_the_paper_width_runs_the_papers_rows_and_their_flops_matched_baselines() -> None:
-    quality = load_quality_module()
+    quality = load_benchmark("quality")
     rows = {row.name: row for row in quality.contenders(quality.PAPER_WIDTH, 576)}
     scale = [f"Scale 64/e={e}" for e in (2, 4, 8, 16)] + ["Scale 64/e=2 no FS", "Scale 64/e=16 no FS"]
     assert set(rows) - {name for name in rows if name.startswith("TopK")} == {*scale, "Switch 32", "Switch 64"}
@@ -278,7 +265,7 @@ def test_the_paper_width_runs_the_papers_rows_and_their_flops_matched_baselines(
 
 
 def test_verdict_at_the_paper_width_compares_the_rows_it_has() -> None:
-    quality = load_quality_module()
+    quality = load_benchmark("quality")
     names = [row.name for row in quality.contenders(quality.PAPER_WIDTH, 576)]
     fvu = dict.fromkeys(names, 0.3) | {"Scale 64/e=2": 0.2, "Scale 64/e=16": 0.1, "Scale 64/e=16 no FS": 0.125}
     summary = [
@@ -293,7 +280,7 @@ def test_verdict_at_the_paper_width_compares_the_rows_it_has() -> None:
 
 @pytest.mark.slow
 def test_the_gated_sae_is_trained_to_its_l0_target() -> None:
-    quality = load_quality_module()
+    quality = load_benchmark("quality")
     cfg = quality.QualityConfig(**TINY_CURVES | {"train_tokens": 131_072}, batch=256, gated_l0_target=8.0)
     train, heldout = structured_activations(131_072, 64, seed=1).float(), structured_activations(2048, 64, seed=2)
     sae, _, calibration = quality.train_gated(cfg, train, heldout.float(), scale=1.0)
@@ -308,7 +295,7 @@ def test_the_gated_sae_is_trained_to_its_l0_target() -> None:
 
 
 def test_read_off_is_linear_in_log_log_and_extrapolates_from_the_ends() -> None:
-    quality = load_quality_module()
+    quality = load_benchmark("quality")
     tried = [{"l1_coefficient": 1.0, "l0": 100.0}, {"l1_coefficient": 10.0, "l0": 10.0}]  # L0 = 100 / coefficient
     assert quality.read_off(tried, "l0", "l1_coefficient", 31.6227766) == pytest.approx(3.16227766)
     assert quality.read_off(tried, "l0", "l1_coefficient", 1.0) == pytest.approx(100.0)

@@ -1,31 +1,16 @@
 """The ground-truth benchmark: its structures are what they claim, its scores are SAELens's, and SAEs learn there."""
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
 
 import pytest
 from sae_lens.synthetic import init_sae_to_match_feature_dict
 
-BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
-
-
-def load_synthetic_module() -> Any:
-    """synthetic.py as ``python benchmarks/synthetic.py`` runs it: with its folder, and so ``common``, importable."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("synthetic", BENCHMARKS / "synthetic.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.support.benchmarks import BENCHMARKS, load_benchmark
 
 
 def test_each_structure_has_the_strength_it_is_given() -> None:
-    synthetic = load_synthetic_module()
+    synthetic = load_benchmark("synthetic")
     cfg = replace(synthetic.SYNTHETIC_QUICK, num_features=1024)
     for strength in (0.25, 1.0):
         model = synthetic.synthetic_model(cfg, synthetic.Setting("hierarchy", strength), seed=0)
@@ -39,7 +24,7 @@ def test_each_structure_has_the_strength_it_is_given() -> None:
 
 
 def test_a_decoder_equal_to_the_true_features_scores_an_mcc_of_one() -> None:
-    synthetic = load_synthetic_module()
+    synthetic = load_benchmark("synthetic")
     cfg = replace(synthetic.SYNTHETIC_QUICK, eval_samples=2048)
     model = synthetic.synthetic_model(cfg, synthetic.Setting("independent", 0.0), seed=0)
     sae = synthetic.make_sae(synthetic.sae_configs(cfg)["TopK"])
@@ -53,7 +38,7 @@ def test_a_decoder_equal_to_the_true_features_scores_an_mcc_of_one() -> None:
 
 
 def test_summary_averages_seeds_and_divides_by_topk() -> None:
-    synthetic = load_synthetic_module()
+    synthetic = load_benchmark("synthetic")
     rows = []
     for seed, (topk, switch) in enumerate(((0.8, 0.4), (0.6, 0.4))):
         for name, family, mcc in (("TopK", "topk", topk), ("Switch 8", "switch", switch)):
@@ -67,7 +52,7 @@ def test_summary_averages_seeds_and_divides_by_topk() -> None:
 
 
 def test_every_sae_learns_the_true_features() -> None:
-    synthetic = load_synthetic_module()
+    synthetic = load_benchmark("synthetic")
     cfg = replace(
         synthetic.SYNTHETIC_QUICK,
         num_features=128,
@@ -96,7 +81,7 @@ def test_every_sae_learns_the_true_features() -> None:
 
 
 def test_committed_results_hold_every_setting_and_sae() -> None:
-    synthetic = load_synthetic_module()
+    synthetic = load_benchmark("synthetic")
     result = json.loads((BENCHMARKS / "results" / "synthetic-cpu.json").read_text())
     cfg = synthetic.SyntheticConfig(
         **{key: tuple(v) if isinstance(v, list) else v for key, v in result["config"].items()}
