@@ -755,7 +755,10 @@ def long_curves_report(result: dict[str, Any], baselines: dict[str, Any], stem: 
     axes = figure.subplots()
     colours = {"topk": "tab:gray", "switch": "tab:orange", "scale": "tab:blue"}
     drawn = [(name, curve, result["config"]["epochs"], "-") for name, curve in result["curves"].items()]
-    drawn += [(name, baselines["curves"][name], baselines["config"]["epochs"], "--") for name in LONG_CURVE_BASELINES]
+    drawn += [
+        (name, baselines["curves"][name], baselines["config"]["epochs"], style)
+        for name, style in zip(LONG_CURVE_BASELINES, ("--", ":"), strict=True)
+    ]
     for name, curve, passes, style in drawn:
         points = curve["points"][1:]  # from the first step on: zero tokens has no place on a log axis
         x = [point["tokens"] * flops[name] / 1e12 for point in points]
