@@ -74,7 +74,7 @@ def test_every_sae_learns_the_true_features() -> None:
     result["summary"] = synthetic.summarize(result["rows"])
 
     for row in result["summary"]:
-        assert row["mcc"] > untrained[row["name"]] + 0.15, (row, untrained)
+        assert row["mcc"] > untrained[row["name"]] + 0.1, (row, untrained)
         assert 3.0 < row["sae_l0"] <= 4.0  # at most k latents per sample
     assert synthetic.markdown(result).count("\n| independent | 0 |") == 3
     json.loads(json.dumps(result))
