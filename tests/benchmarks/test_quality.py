@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -67,13 +68,13 @@ def test_tiny_run_writes_a_well_formed_result(tmp_path: Path) -> None:
     assert quality.markdown(result, summary).count("\n| ") == 1 + len(summary)  # header and one row per SAE
 
 
-def synthetic_summary(fvu: dict[str, float], **overrides: dict[str, float]) -> list[dict]:
+def synthetic_summary(fvu: dict[str, float], **overrides: Mapping[str, float | None]) -> list[dict]:
     """Summary rows with chosen FVUs; everything else neutral unless overridden per row."""
     rows = []
     for name, value in fvu.items():
         row = dict.fromkeys(ROW_KEYS, 0.0) | {"name": name, "seeds": 1, "d_sae": 4608, "fvu": value}
         row |= {"redundancy": 0.01, "train_seconds": 10.0, "omega_mean": 0.1 if name.startswith("Scale") else None}
-        rows.append(row | overrides.get(name, {}))
+        rows.append(row | dict(overrides.get(name, {})))
     return rows
 
 
