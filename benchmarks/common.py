@@ -395,8 +395,9 @@ def reconstruction(sae: SAE[Any], acts: torch.Tensor) -> dict[str, float]:
     active = 0
     for chunk in acts.split(4096):
         feature_acts = sae.encode(chunk)
-        fired |= (feature_acts != 0).any(0)
-        active += int((feature_acts != 0).sum())
+        firing = feature_acts != 0
+        fired |= firing.any(0)
+        active += int(firing.sum())
         sse += (sae.decode(feature_acts) - chunk).pow(2).sum().item()
     variance = (acts - acts.mean(0)).pow(2).sum().item()
     return {

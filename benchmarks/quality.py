@@ -174,10 +174,16 @@ def read_off(tried: list[dict[str, float]], known: str, wanted: str, value: floa
     return math.exp(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
 
+def brackets(tried: list[dict[str, float]], target: float) -> bool:
+    l0s = [entry["l0"] for entry in tried]
+    return min(l0s) <= target <= max(l0s)
+
+
 def gated_l1_coefficient(
     cfg: QualityConfig, train: torch.Tensor, heldout: torch.Tensor, scale: float, tries: int = 6
 ) -> list[dict[str, float]]:
-    """Short Gated runs, each with the full run's steps on an eighth of its batch, that bracket the L0 target.
+    """Short Gated runs, each with the full run's steps on an eighth of its batch, that bracket the L0 target (or an
+    error saying they could not).
 
     L0 keeps falling as training goes on, so a try with fewer steps would overshoot. The search steps by 10x until
     the target is bracketed, then interpolates, and stops within 5 % (after two tries at least, so that the
@@ -192,15 +198,16 @@ def gated_l1_coefficient(
         torch.manual_seed(0)
         sae = gated(cfg, train.shape[1], coefficient).make()
         train_sae(sae, batches(train, short.batch, scale, seed=0), trainer_config(short))
-        l0 = max(mean_l0(sae, heldout * scale), 1e-3)
+        l0 = max(reconstruction(sae, heldout * scale)["l0"], 1e-3)  # above 0, for the log-log reading
         tried.append({"l1_coefficient": coefficient, "l0": l0})
         if abs(l0 / target - 1) <= 0.05 and len(tried) > 1:
             break
-        l0s = [entry["l0"] for entry in tried]
-        if min(l0s) < target < max(l0s):
+        if brackets(tried, target):
             coefficient = read_off(tried, "l0", "l1_coefficient", target)
         else:
             coefficient *= 10.0 if l0 > target else 0.1
+    if not brackets(tried, target):
+        raise RuntimeError(f"no Gated L1 coefficient tried brackets the L0 target {target:g}: {tried}")
     return tried
 
 
@@ -216,9 +223,6 @@ def train_gated(
     target = cfg.gated_l0_target
     assert target is not None
     tried = gated_l1_coefficient(cfg, train, heldout, scale)
-    l0s = [entry["l0"] for entry in tried]
-    if not min(l0s) <= target <= max(l0s):
-        raise RuntimeError(f"no Gated L1 coefficient tried brackets the L0 target {target:g}: {tried}")
     coefficient = read_off(tried, "l0", "l1_coefficient", target)
     full_runs: list[dict[str, float]] = []
     saes: list[TrainingSAE[Any]] = []
@@ -226,7 +230,7 @@ def train_gated(
         torch.manual_seed(0)
         sae = gated(cfg, train.shape[1], coefficient).make()
         seconds = train_sae(sae, batches(train, cfg.batch, scale, seed=0), trainer_config(cfg))
-        l0 = mean_l0(sae, heldout * scale)
+        l0 = reconstruction(sae, heldout * scale)["l0"]
         full_runs.append({"l1_coefficient": coefficient, "l0": l0, "train_seconds": seconds})
         saes.append(sae)
         if abs(l0 / target - 1) <= 0.1:
@@ -240,11 +244,6 @@ def train_gated(
     chosen = full_runs[nearest]
     calibration = {"l1_coefficient": chosen["l1_coefficient"], "short_tries": tried, "full_runs": full_runs}
     return saes[nearest], chosen["train_seconds"], calibration
-
-
-@torch.no_grad()
-def mean_l0(sae: SAE[Any], acts: torch.Tensor) -> float:
-    return torch.cat([(sae.encode(chunk) != 0).sum(-1).float() for chunk in acts.float().split(4096)]).mean().item()
 
 
 def ce_loss_score(sae: SAE[Any], model: Any, rows: Any, cfg: QualityConfig) -> float:
